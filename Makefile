@@ -1,0 +1,46 @@
+# make install | demo | test | bench | lint   (each sets itself up on a fresh clone)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# the CPU build that lies on this machine; clusters set TORCH_SPEC='torch' (or a CUDA pin)
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,wandb
+NPROC ?= 2
+DEMO_DIR ?= data/demo
+DEMO_RUN ?= runs/demo
+export OMP_NUM_THREADS ?= 1
+export WANDB_MODE ?= disabled
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: install
+	$(PY) tools/make_demo_data.py --out $(DEMO_DIR)
+	rm -rf $(DEMO_RUN)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_accelerators $(NPROC) --module mmpretrain.train \
+		--config configs/demo.yaml run.output_dir=$(DEMO_RUN) \
+		"data.train=[{name: demo, urls: '$(DEMO_DIR)/train/train-{000000..000007}.tar'}]" \
+		data.eval_urls='$(DEMO_DIR)/eval/eval-000000.tar'
+
+test: install
+	$(PY) -m pytest -q -ra --durations=15
+
+test-fast: install
+	$(PY) -m pytest -q -m "not distributed and not slurm"
+
+bench: install
+	$(PY) bench/loss_memory.py
+	$(PY) bench/data_throughput.py
+
+lint: install
+	$(PY) -m pyflakes mmpretrain tools tests bench 2>/dev/null || true
+
+clean:
+	rm -rf $(VENV) runs data/demo .pytest_cache

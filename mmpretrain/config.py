@@ -1,0 +1,360 @@
+"""Typed run configuration: one schema (dataclasses), YAML files, dotted overrides.
+
+Every value is checked before any process group starts; errors name the key, the
+value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names it."""
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class SourceConfig:
+    """One shard source. Sources with different modality sets mix by weight."""
+
+    name: str = "default"
+    urls: str = MISSING  # brace-expanded list, local paths or `pipe:` commands
+    weight: float = 1.0
+    # extension list per modality; `json:caption` reads a field of a json member
+    image_keys: str = "jpg;jpeg;png;webp"
+    audio_keys: str = "flac;wav;mp3;ogg"
+    text_keys: str = "txt;json:caption"
+    # modalities every sample must have (`;`-separated, e.g. "text"); others are skipped as missing_<m>
+    required: str = ""
+    # json shard-name -> sample count; default: sizes.json beside local shards (pipes need it)
+    sizes: Optional[str] = None
+
+
+@dataclass
+class AudioDataConfig:
+    sample_rate: int = 16000
+    clip_seconds: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train: List[SourceConfig] = field(default_factory=list)
+    eval_urls: Optional[str] = None
+    num_workers: int = 2
+    image_size: int = 64
+    audio: AudioDataConfig = field(default_factory=AudioDataConfig)
+    text_max_len: int = 32
+    tokenizer: str = "bytes"  # "bytes", a tokenizer.json file, or a local HF tokenizer dir
+    shuffle_buffer: int = 256
+    shard_shuffle: bool = True
+    resampled: bool = False  # infinite seeded sampling of shards instead of epochs
+    max_error_rate: float = 0.1  # stop when more than this share of samples is corrupt
+    min_samples_for_error_rate: int = 100
+    train_augment: bool = True
+    crop_min_scale: float = 0.9  # random resized crop: smallest area share kept
+    hflip: bool = True
+    max_image_pixels: int = 50_000_000  # larger images (decompression bombs) are skipped unread
+
+
+@dataclass
+class TowerConfig:
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    patch_size: int = 8  # vision: pixels; audio: mel bins x frames
+
+
+@dataclass
+class AudioTowerConfig(TowerConfig):
+    n_mels: int = 64
+    n_fft: int = 400
+    hop_length: int = 160
+    patch_size: int = 8
+
+
+@dataclass
+class TextTowerConfig:
+    width: int = 128
+    depth: int = 2  # unimodal causal layers (the contrastive text embedding)
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    decoder_depth: int = 0  # multimodal decoder layers (captioning); 0 = off
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 128
+    vision: TowerConfig = field(default_factory=TowerConfig)
+    audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    attention_backend: str = "auto"  # auto | sdpa | triton | flash | reference
+    dropout: float = 0.0
+
+
+@dataclass
+class PairWeights:
+    image_text: float = 1.0
+    audio_text: float = 1.0
+    image_audio: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    kind: str = "infonce"  # infonce | siglip
+    impl: str = "naive"  # naive | tiled
+    pairs: PairWeights = field(default_factory=PairWeights)
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    min_valid_pairs: int = 2
+    contrastive_weight: float = 1.0
+    caption_weight: float = 2.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 16  # per rank
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # steps; 0 = only at the end
+    save_every_minutes: float = 0.0
+    keep_last: int = 3
+    resume: str = "auto"  # auto | never | a checkpoint path
+    max_nonfinite_steps: int = 5
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "mmpretrain"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LogConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------- checks
+
+_CHOICES = {
+    "loss.kind": ("infonce", "siglip"),
+    "loss.impl": ("naive", "tiled"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.zero_stage": (0, 1, 2, 3),
+    "log.wandb.mode": ("disabled", "offline", "online"),
+    "model.attention_backend": ("auto", "sdpa", "triton", "flash", "reference"),
+}
+# key -> (low, high, low inclusive?) ; None means unbounded on that side
+_RANGES = {
+    "data.num_workers": (0, 64, True),
+    "data.image_size": (8, 4096, True),
+    "data.audio.sample_rate": (1000, 192000, True),
+    "data.audio.clip_seconds": (0.0, 600.0, False),
+    "data.text_max_len": (4, 4096, True),
+    "data.shuffle_buffer": (0, None, True),
+    "data.max_error_rate": (0.0, 1.0, True),
+    "data.min_samples_for_error_rate": (0, None, True),
+    "data.crop_min_scale": (0.0, 1.0, False),
+    "data.max_image_pixels": (1, None, True),
+    "model.embed_dim": (1, None, True),
+    "model.dropout": (0.0, 1.0, True),
+    "loss.init_temperature": (0.0, 10.0, False),
+    "loss.max_logit_scale": (1.0, None, True),
+    "loss.min_valid_pairs": (1, None, True),
+    "loss.contrastive_weight": (0.0, None, True),
+    "loss.caption_weight": (0.0, None, True),
+    "optim.lr": (0.0, 10.0, False),
+    "optim.weight_decay": (0.0, None, True),
+    "optim.beta1": (0.0, 1.0, True),
+    "optim.beta2": (0.0, 1.0, True),
+    "optim.warmup_steps": (0, None, True),
+    "optim.min_lr_ratio": (0.0, 1.0, True),
+    "train.steps": (1, None, True),
+    "train.micro_batch_size": (1, None, True),
+    "train.grad_accum": (1, None, True),
+    "train.grad_clip": (0.0, None, True),
+    "train.log_every": (1, None, True),
+    "train.eval_every": (0, None, True),
+    "train.save_every": (0, None, True),
+    "train.keep_last": (1, None, True),
+    "train.max_nonfinite_steps": (1, None, True),
+}
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first bad key; checks ranges, choices and shapes."""
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of {list(allowed)}")
+    for key, (lo, hi, lo_incl) in _RANGES.items():
+        value = _get(cfg, key)
+        bad = (lo is not None and (value < lo if lo_incl else value <= lo)) or (hi is not None and value > hi)
+        if bad:
+            lo_s = "-inf" if lo is None else f"{lo}"
+            hi_s = "inf" if hi is None else f"{hi}"
+            bracket = "[" if lo_incl else "("
+            raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed {bracket}{lo_s}, {hi_s}]")
+    for tower in ("vision", "audio"):
+        t = getattr(cfg.model, tower)
+        _check_heads(f"model.{tower}", t.width, t.heads, t.depth)
+    _check_heads("model.text", cfg.model.text.width, cfg.model.text.heads, cfg.model.text.depth)
+    if cfg.data.image_size % cfg.model.vision.patch_size:
+        raise ConfigError(
+            f"config key 'data.image_size' = {cfg.data.image_size} must be a multiple of "
+            f"'model.vision.patch_size' = {cfg.model.vision.patch_size}"
+        )
+    if cfg.model.audio.n_mels % cfg.model.audio.patch_size:
+        raise ConfigError(
+            f"config key 'model.audio.n_mels' = {cfg.model.audio.n_mels} must be a multiple of "
+            f"'model.audio.patch_size' = {cfg.model.audio.patch_size}"
+        )
+    frames = int(cfg.data.audio.sample_rate * cfg.data.audio.clip_seconds) // cfg.model.audio.hop_length + 1
+    if frames < cfg.model.audio.patch_size:
+        raise ConfigError(
+            f"config key 'data.audio.clip_seconds' = {cfg.data.audio.clip_seconds} gives {frames} mel frames, "
+            f"fewer than 'model.audio.patch_size' = {cfg.model.audio.patch_size}"
+        )
+    names = set()
+    for i, src in enumerate(cfg.data.train):
+        if src.weight <= 0:
+            raise ConfigError(f"config key 'data.train[{i}].weight' = {src.weight} must be > 0")
+        if not src.urls:
+            raise ConfigError(f"config key 'data.train[{i}].urls' is empty")
+        if src.name in names:
+            raise ConfigError(f"config key 'data.train[{i}].name' = {src.name!r} is used by two sources")
+        names.add(src.name)
+    if sum(abs(w) for w in dataclasses.astuple(cfg.loss.pairs)) == 0 and cfg.loss.caption_weight == 0:
+        raise ConfigError("config keys 'loss.pairs.*' and 'loss.caption_weight' are all 0: nothing to train")
+    if cfg.model.text.decoder_depth < 0:
+        raise ConfigError(f"config key 'model.text.decoder_depth' = {cfg.model.text.decoder_depth} must be >= 0")
+
+
+def _check_heads(prefix: str, width: int, heads: int, depth: int) -> None:
+    if heads < 1 or width < 1 or depth < 0:
+        raise ConfigError(f"config key '{prefix}' has width={width}, heads={heads}, depth={depth}; need width, heads >= 1")
+    if width % heads:
+        raise ConfigError(f"config key '{prefix}.width' = {width} is not divisible by '{prefix}.heads' = {heads}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _merge(base: Any, other: Any, origin: str) -> Any:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:  # unknown key or wrong type
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{origin}: config key '{key}' is invalid: {msg}") from None
+
+
+def parse_overrides(overrides: Sequence[str]) -> List[str]:
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"overrides must look like 'section.key=value'; got {bad}")
+    return list(overrides)
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """YAML file + dotted overrides -> validated Config. Raises ConfigError."""
+    schema = OmegaConf.structured(Config)
+    merged = schema
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+        merged = _merge(merged, OmegaConf.create(raw), f"config file '{path}'")
+    for o in parse_overrides(overrides):
+        key, value = o.split("=", 1)
+        try:
+            dot = OmegaConf.from_dotlist([o])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override '{o}' cannot be parsed: {e}") from None
+        merged = _merge(merged, dot, f"override '{key}={value}'")
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}' is missing or invalid: {str(e).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(d: Dict[str, Any]) -> Config:
+    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(d), "saved config")
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,162 @@
+"""Image and audio decoding with train/eval transforms (PIL, soundfile, numpy only).
+Each function raises DecodeError(reason) for input it cannot use."""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from fractions import Fraction
+from typing import Optional, Tuple
+
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+class DecodeError(Exception):
+    """Bad input; `reason` is the skip-counter name."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+# ----------------------------------------------------------------------------- image
+
+
+def _crop_box(w: int, h: int, rng: Optional[np.random.Generator], min_scale: float) -> Tuple[float, ...]:
+    """Random-resized-crop box (area scale in [min_scale, 1], aspect in [3/4, 4/3]) or,
+    without rng, the centre square."""
+    if rng is not None:
+        area = w * h
+        for _ in range(10):
+            target = area * rng.uniform(min_scale, 1.0)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = math.sqrt(target * aspect), math.sqrt(target / aspect)
+            if cw <= w and ch <= h:
+                x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+                return (x0, y0, x0 + cw, y0 + ch)
+    side = min(w, h)  # fallback / eval: centre square (= resize shorter side + centre crop)
+    x0, y0 = (w - side) / 2, (h - side) / 2
+    return (x0, y0, x0 + side, y0 + side)
+
+
+def decode_image(data: bytes, size: int, rng: Optional[np.random.Generator] = None, max_pixels: int = 50_000_000,
+                 min_scale: float = 0.9, hflip: bool = True) -> np.ndarray:
+    """Bytes -> float32 (3, size, size) CLIP-normalized. With `rng`: random resized crop and
+    flip (training); without: resize shorter side + centre crop (eval)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # own limit below
+            img = Image.open(io.BytesIO(data))  # lazy: header only
+    except Image.DecompressionBombError as e:
+        raise DecodeError("image_too_large", str(e)) from None
+    except Exception as e:
+        raise DecodeError("image_decode", f"{type(e).__name__}: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:  # refuse before decoding any pixel
+        raise DecodeError("image_too_large", f"{w}x{h} > data.max_image_pixels={max_pixels}")
+    if w < 1 or h < 1:
+        raise DecodeError("image_decode", f"empty image {w}x{h}")
+    try:
+        # JPEG: let libjpeg decode at a reduced scale that still covers the output
+        need = size / math.sqrt(min_scale) if rng is not None else size
+        if img.format == "JPEG":
+            img.draft("RGB", (int(need * w / min(w, h)) + 1, int(need * h / min(w, h)) + 1))
+            w, h = img.size
+        img = _to_rgb(img)
+        box = _crop_box(w, h, rng, min_scale)
+        img = img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
+        if rng is not None and hflip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    except DecodeError:
+        raise
+    except Exception as e:
+        raise DecodeError("image_decode", f"{type(e).__name__}: {e}") from None
+    arr = (arr - CLIP_MEAN) / CLIP_STD
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.clip(a / max(a.max(), 1.0) * 255, 0, 255).astype(np.uint8))
+    if img.mode in ("P", "LA", "PA") or "A" in img.mode or "transparency" in img.info:
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))  # alpha over white
+        return Image.alpha_composite(bg, img).convert("RGB")
+    return img.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- audio
+
+
+def warm_imports() -> None:
+    """Import scipy.signal (~2 s) once in the main process so forked workers inherit it."""
+    try:
+        import scipy.signal  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Polyphase resampling (scipy) along the last axis; linear interpolation fallback."""
+    if src_rate == dst_rate:
+        return x
+    try:
+        from scipy.signal import resample_poly
+
+        frac = Fraction(dst_rate, src_rate).limit_denominator(1000)
+        return resample_poly(x, frac.numerator, frac.denominator, axis=-1).astype(np.float32)
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        n_out = int(round(x.shape[-1] * dst_rate / src_rate))
+        t = np.arange(n_out) * (src_rate / dst_rate)
+        return np.interp(t, np.arange(x.shape[-1]), x).astype(np.float32)
+
+
+def fit_length(x: np.ndarray, n: int) -> np.ndarray:
+    """Repeat-pad short clips, cut long ones, to exactly n samples."""
+    if x.shape[-1] >= n:
+        return x[:n]
+    reps = -(-n // x.shape[-1])
+    return np.tile(x, reps)[:n]
+
+
+def decode_audio(data: bytes, sample_rate: int, clip_seconds: float,
+                 rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Bytes (wav/flac/ogg/mp3) -> float32 mono (N,) at `sample_rate`, N = rate*clip_seconds.
+    Training (`rng`): random crop; eval: centre crop. Only the crop is read from the file."""
+    n_out = int(sample_rate * clip_seconds)
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            src_rate, frames = f.samplerate, f.frames
+            need = int(math.ceil(clip_seconds * src_rate)) + 1
+            if frames <= 0:
+                raise DecodeError("audio_decode", "no audio frames")
+            start = 0
+            if frames > need:
+                start = int(rng.integers(0, frames - need + 1)) if rng is not None else (frames - need) // 2
+            try:
+                if start:
+                    f.seek(start)
+                x = f.read(min(need, frames), dtype="float32", always_2d=True)
+            except Exception:  # some formats cannot seek: read all, then slice
+                f.seek(0)
+                x = f.read(dtype="float32", always_2d=True)[start:start + need]
+    except DecodeError:
+        raise
+    except Exception as e:
+        raise DecodeError("audio_decode", f"{type(e).__name__}: {e}") from None
+    if x.shape[0] == 0:
+        raise DecodeError("audio_decode", "no audio frames")
+    x = np.nan_to_num(x.mean(axis=1), nan=0.0, posinf=0.0, neginf=0.0)
+    x = resample(x, src_rate, sample_rate)
+    if x.shape[-1] == 0:
+        raise DecodeError("audio_decode", "clip too short to resample")
+    return np.ascontiguousarray(fit_length(x, n_out), dtype=np.float32)

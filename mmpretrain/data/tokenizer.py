@@ -1,0 +1,149 @@
+"""Text tokenizers behind one small interface: byte-level fallback or a `tokenizers` BPE
+(tokenizer.json file or local HF tokenizer directory; never the network)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+# Workers are forked after the main process may have used the tokenizer.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MARKER = "mmpretrain_tokenizer.json"
+SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
+_ALIASES = {
+    "pad": ["<pad>", "[PAD]", "<|pad|>", "<|endoftext|>"],
+    "bos": ["<s>", "[CLS]", "<|startoftext|>", "<bos>", "<|endoftext|>"],
+    "eos": ["</s>", "[SEP]", "<|endoftext|>", "<eos>"],
+}
+
+
+class Tokenizer:
+    """Common interface; `encode` adds no specials, `encode_batch` adds BOS/EOS and pads."""
+
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> List[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: str) -> None:
+        raise NotImplementedError
+
+    def encode_with_specials(self, text: str, max_len: int) -> List[int]:
+        """BOS + ids truncated to fit + EOS; at most `max_len` ids."""
+        ids = self.encode(text)[: max(0, max_len - 2)]
+        return [self.bos_id] + ids + [self.eos_id]
+
+    def pad(self, seqs: Sequence[Sequence[int]], max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        out = torch.full((len(seqs), max_len), self.pad_id, dtype=torch.long)
+        lens = torch.zeros(len(seqs), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            s = list(s)[:max_len]
+            if s:
+                out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            lens[i] = len(s)
+        return out, lens
+
+    def encode_batch(self, texts: Sequence[str], max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, max_len) int64 ids = BOS + text + EOS padded with pad_id, and (B,) lengths."""
+        return self.pad([self.encode_with_specials(t, max_len) for t in texts], max_len)
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes are ids 0..255; pad/bos/eos are 256/257/258."""
+
+    def __init__(self) -> None:
+        self.pad_id, self.bos_id, self.eos_id = 256, 257, 258
+        self.vocab_size = 259
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, MARKER), "w") as f:
+            json.dump({"type": "bytes"}, f)
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer`; missing pad/bos/eos tokens are added as specials."""
+
+    def __init__(self, path: str, names: Optional[dict] = None) -> None:
+        from tokenizers import Tokenizer as _Tok
+
+        self.tok = _Tok.from_file(path)
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        names = names or {}
+        ids = {}
+        for role in ("pad", "bos", "eos"):
+            cands = ([names[role]] if names.get(role) else []) + _ALIASES[role]
+            found = next((self.tok.token_to_id(c) for c in cands if self.tok.token_to_id(c) is not None), None)
+            if found is None:
+                self.tok.add_special_tokens([SPECIALS[role]])
+                found = self.tok.token_to_id(SPECIALS[role])
+            ids[role] = found
+        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
+        self._special = set(ids.values())
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> List[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([int(i) for i in ids if int(i) not in self._special], skip_special_tokens=True)
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.tok.save(os.path.join(directory, "tokenizer.json"))
+        names = {r: self.tok.id_to_token(getattr(self, f"{r}_id")) for r in ("pad", "bos", "eos")}
+        with open(os.path.join(directory, MARKER), "w") as f:
+            json.dump({"type": "hf", **names}, f)
+
+
+def _hf_names(directory: str) -> dict:
+    """pad/bos/eos token strings from a HF tokenizer dir's config files, when present."""
+    names: dict = {}
+    for fn in ("special_tokens_map.json", "tokenizer_config.json", MARKER):
+        p = os.path.join(directory, fn)
+        if not os.path.isfile(p):
+            continue
+        with open(p) as f:
+            d = json.load(f)
+        for role in ("pad", "bos", "eos"):
+            v = d.get(f"{role}_token", d.get(role))
+            if isinstance(v, dict):
+                v = v.get("content")
+            if isinstance(v, str) and role not in names:
+                names[role] = v
+    return names
+
+
+def build_tokenizer(spec: str) -> Tokenizer:
+    """'bytes', a tokenizer.json path, or a directory written by `save` / a local HF tokenizer."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if os.path.isdir(spec):
+        marker = os.path.join(spec, MARKER)
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                if json.load(f).get("type") == "bytes":
+                    return ByteTokenizer()
+        path = os.path.join(spec, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer directory '{spec}' has no tokenizer.json")
+        return HFTokenizer(path, _hf_names(spec))
+    if os.path.isfile(spec):
+        return HFTokenizer(spec)
+    raise FileNotFoundError(f"tokenizer '{spec}' is not 'bytes', a tokenizer.json file or a directory")

@@ -1,0 +1,125 @@
+"""The DeepSpeed engine built from our config: ZeRO stage, precision, accumulation,
+clipping, AdamW parameter groups and the warmup + cosine schedule."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from mmpretrain.config import Config
+
+# Parameters that must not be weight-decayed: biases, norms, temperatures, embeddings.
+_NO_DECAY_HINTS = ("logit_scale", "logit_bias", "pos", "cls", "tok.", "ln", "norm")
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> Dict[str, Any]:
+    t = cfg.train
+    ds: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        # our optimizer is a torch one, which DeepSpeed calls "untested"
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # lets ds_to_universal convert a checkpoint without extra flags
+        "checkpoint": {"load_universal": False},
+    }
+    if t.zero_stage == 3:
+        ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 100}
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.split(".")[-1]
+        if p.ndim < 2 or leaf == "bias" or any(h in name for h in _NO_DECAY_HINTS):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup to 1, then cosine down to min_lr_ratio at train.steps."""
+    warm, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / max(1, warm)
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class TrainModule(nn.Module):
+    """What DeepSpeed wraps: batch in, (total loss, metrics) out."""
+
+    def __init__(self, model: nn.Module, cfg: Config) -> None:
+        super().__init__()
+        from mmpretrain.losses import ContrastiveLoss
+
+        self.model = model
+        self.cfg = cfg
+        self.contrastive = ContrastiveLoss(cfg)
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        out = self.model(batch)
+        masks = {"image": batch["image_mask"], "audio": batch["audio_mask"], "text": batch["text_mask"]}
+        loss_con, metrics = self.contrastive(out, masks)
+        total = self.cfg.loss.contrastive_weight * loss_con
+        if getattr(self.model, "decoder", None) is not None:
+            from mmpretrain.losses import caption_loss
+
+            loss_cap, cap_metrics = caption_loss(self.model, out, batch)
+            total = total + self.cfg.loss.caption_weight * loss_cap
+            metrics.update(cap_metrics)
+        metrics["loss"] = self.cfg.loss.contrastive_weight * metrics.get("loss/contrastive", 0.0) + (
+            self.cfg.loss.caption_weight * metrics.get("loss/caption", 0.0)
+        )
+        return total, metrics
+
+
+def build_engine(cfg: Config, model: nn.Module, world_size: int):
+    """-> (deepspeed engine wrapping TrainModule, optimizer, scheduler)."""
+    import deepspeed
+
+    module = TrainModule(model, cfg)
+    opt = torch.optim.AdamW(
+        param_groups(module, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    engine, opt, _, sched = deepspeed.initialize(
+        model=module, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world_size)
+    )
+    return engine, opt, sched
+
+
+def batch_to_device(batch: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
+    """Move tensors; images go to the compute dtype, audio stays fp32 (mel is computed in fp32)."""
+    out: Dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if k == "image" and v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out

@@ -1,0 +1,76 @@
+"""Audio encoder: log-mel spectrogram computed on the device (fp32), patched AST-style
+into a transformer; returns the pooled vector and the patch tokens."""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+from mmpretrain.config import AudioTowerConfig
+from mmpretrain.models.transformer import Encoder
+
+
+def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
+    return 2595.0 * torch.log10(1.0 + f / 700.0)
+
+
+def _mel_to_hz(m: torch.Tensor) -> torch.Tensor:
+    return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None) -> torch.Tensor:
+    """HTK triangular filters, (n_fft//2+1, n_mels); torchaudio is not a dependency."""
+    f_max = f_max or sample_rate / 2
+    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
+    m_pts = torch.linspace(_hz_to_mel(torch.tensor(f_min)), _hz_to_mel(torch.tensor(f_max)), n_mels + 2, dtype=torch.float64)
+    f_pts = _mel_to_hz(m_pts)
+    down = (freqs[:, None] - f_pts[None, :-2]) / (f_pts[1:-1] - f_pts[:-2])[None, :]
+    up = (f_pts[None, 2:] - freqs[:, None]) / (f_pts[2:] - f_pts[1:-1])[None, :]
+    return torch.clamp(torch.minimum(down, up), min=0.0).float()
+
+
+class LogMel(nn.Module):
+    """Waveform (B, S) -> normalized log-mel (B, 1, n_mels, frames), always in fp32."""
+
+    def __init__(self, sample_rate: int, n_fft: int, hop_length: int, n_mels: int) -> None:
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop_length
+        # buffers, not parameters: ZeRO must not partition or optimize them
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.register_buffer("fb", mel_filterbank(n_fft, n_mels, sample_rate), persistent=False)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=wav.device.type, enabled=False):
+            spec = torch.stft(
+                wav.float(), self.n_fft, self.hop, window=self.window.float(), center=True, return_complex=True
+            )  # (B, F, T)
+            power = spec.real.square() + spec.imag.square()
+            mel = torch.matmul(power.transpose(1, 2), self.fb.float()).transpose(1, 2)  # (B, M, T)
+            logmel = torch.log(mel + 1e-6)
+            # per-utterance normalization keeps scale independent of loudness
+            logmel = (logmel - logmel.mean(dim=(1, 2), keepdim=True)) / (logmel.std(dim=(1, 2), keepdim=True) + 1e-5)
+        return logmel[:, None]
+
+
+class AudioTransformer(nn.Module):
+    def __init__(self, cfg: AudioTowerConfig, sample_rate: int, num_samples: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.mel = LogMel(sample_rate, cfg.n_fft, cfg.hop_length, cfg.n_mels)
+        frames = num_samples // cfg.hop_length + 1
+        self.frames = frames - frames % cfg.patch_size  # crop to whole patches
+        self.patch = nn.Conv2d(1, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        n = (cfg.n_mels // cfg.patch_size) * (self.frames // cfg.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, cfg.width) * 0.02)
+        self.ln_pre = nn.LayerNorm(cfg.width)
+        self.encoder = Encoder(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout)
+        self.ln_post = nn.LayerNorm(cfg.width)
+
+    def forward(self, wav: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        spec = self.mel(wav)[..., : self.frames]  # (B, 1, M, T)
+        x = self.patch(spec.to(self.patch.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        x = self.ln_post(self.encoder(self.ln_pre(x)))
+        return x[:, 0], x[:, 1:]

@@ -1,0 +1,28 @@
+"""Image encoder: ViT with a class token; returns the pooled vector and the patch tokens."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+from mmpretrain.config import TowerConfig
+from mmpretrain.models.transformer import Encoder
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: TowerConfig, image_size: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        n = (image_size // cfg.patch_size) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, cfg.width) * 0.02)
+        self.ln_pre = nn.LayerNorm(cfg.width)
+        self.encoder = Encoder(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout)
+        self.ln_post = nn.LayerNorm(cfg.width)
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = self.patch(images).flatten(2).transpose(1, 2)  # (B, N, W)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        x = self.ln_post(self.encoder(self.ln_pre(x)))
+        return x[:, 0], x[:, 1:]  # pooled (B, W), tokens (B, N, W)

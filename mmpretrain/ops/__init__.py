@@ -1,0 +1,1 @@
+"""Hot-path operators: attention dispatch and contrastive-loss kernels."""

@@ -1,0 +1,40 @@
+"""mmpretrain: distributed image-text-audio pretraining (contrastive + captioning) under DeepSpeed."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mmpretrain",
+    version="0.1.0",
+    description="Distributed multimodal (image/audio/text) contrastive + generative pretraining under DeepSpeed",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mmpretrain", "mmpretrain.*"]),
+    python_requires=">=3.9",
+    # no upper pins: clusters bring their own torch/CUDA stack
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.14",
+        "accelerate>=0.30",
+        "webdataset>=0.2.86",
+        "tokenizers>=0.15",
+        "omegaconf>=2.3",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "soundfile>=0.12",
+        "pillow>=10",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.5", "triton>=3.0"],
+        "wandb": ["wandb>=0.16"],
+        "hf": ["transformers>=4.40"],
+        "eval": ["scikit-learn>=1.3", "sacrebleu>=2.3"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "scikit-learn>=1.3", "sacrebleu>=2.3"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mmpretrain-train=mmpretrain.train:main",
+        ]
+    },
+)

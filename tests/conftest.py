@@ -1,0 +1,18 @@
+"""Shared test set-up. Kernel tests run Triton in interpreter mode when no GPU is present;
+the variable must be set before anything imports triton (deepspeed may)."""
+import os
+import sys
+
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import ctypes.util
+
+        _has_cuda = ctypes.util.find_library("cuda") is not None
+    except Exception:  # pragma: no cover
+        _has_cuda = False
+    if not _has_cuda:
+        os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,0 +1,120 @@
+"""Summarize WebDataset shards: samples per modality, audio durations, image sizes, decode errors.
+
+Example: python tools/inspect_shards.py 'data/train-{000..009}.tar' [--write-sizes sizes.json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from collections import Counter
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mmpretrain.config import SourceConfig  # noqa: E402
+from mmpretrain.data.samples import parse_source  # noqa: E402
+from mmpretrain.data.shards import expand_urls, read_shard, shard_name  # noqa: E402
+
+
+def inspect(urls: str, limit: Optional[int] = None, max_pixels: int = 50_000_000) -> Dict:
+    """Read every sample (headers of media only: no pixel or audio decoding)."""
+    spec = parse_source(SourceConfig(urls=urls), 0)
+    counts: Counter = Counter()
+    errors: Counter = Counter()
+    sizes: Dict[str, int] = {}
+    durations: List[float] = []
+    dims: List[tuple] = []
+    for url in expand_urls(urls):
+        n = 0
+        for raw in read_shard(url):
+            n += 1
+            counts["samples"] += 1
+            if raw.error:
+                errors[raw.error] += 1
+                continue
+            f = raw.files
+            img = next((f[e] for e in spec.image_keys if e in f), None)
+            aud = next((f[e] for e in spec.audio_keys if e in f), None)
+            txt = _text(f, errors)
+            kinds = "+".join(k for k, v in (("image", img), ("audio", aud), ("text", txt)) if v)
+            counts[kinds or "empty"] += 1
+            if img is not None:
+                try:
+                    with Image.open(io.BytesIO(img)) as im:
+                        dims.append(im.size)
+                        if im.size[0] * im.size[1] > max_pixels:
+                            errors["image_too_large"] += 1
+                        else:
+                            im.verify()
+                except Exception:
+                    errors["image_decode"] += 1
+            if aud is not None:
+                try:
+                    info = sf.info(io.BytesIO(aud))
+                    durations.append(info.frames / info.samplerate)
+                except Exception:
+                    errors["audio_decode"] += 1
+            if limit and counts["samples"] >= limit:
+                break
+        sizes[shard_name(url)] = n
+    report = {"shards": len(sizes), "counts": dict(counts), "errors": dict(errors), "sizes": sizes}
+    if durations:
+        d = np.array(durations)
+        report["audio_seconds"] = {"min": float(d.min()), "mean": float(d.mean()), "max": float(d.max())}
+    if dims:
+        w, h = np.array([x[0] for x in dims]), np.array([x[1] for x in dims])
+        report["image_size"] = {"min": [int(w.min()), int(h.min())], "mean": [float(w.mean()), float(h.mean())],
+                                "max": [int(w.max()), int(h.max())]}
+    return report
+
+
+def _text(f: Dict[str, bytes], errors: Counter) -> Optional[str]:
+    try:
+        if "txt" in f:
+            return f["txt"].decode("utf-8").strip() or None
+        if "json" in f:
+            meta = json.loads(f["json"].decode("utf-8"))
+            cap = meta.get("caption") if isinstance(meta, dict) else None
+            return cap if isinstance(cap, str) and cap.strip() else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        errors["text_decode"] += 1
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("urls", help="shard urls (brace expansion, '::' separated groups, pipe:)")
+    ap.add_argument("--limit", type=int, default=None, help="stop after this many samples")
+    ap.add_argument("--write-sizes", default=None, help="write shard -> sample count json here")
+    ap.add_argument("--json", action="store_true", help="print the report as json")
+    args = ap.parse_args(argv)
+    rep = inspect(args.urls, args.limit)
+    if args.write_sizes:
+        with open(args.write_sizes, "w") as f:
+            json.dump(rep["sizes"], f, indent=1)
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    print(f"shards: {rep['shards']}  samples: {rep['counts'].get('samples', 0)}")
+    for k, v in sorted(rep["counts"].items()):
+        if k != "samples":
+            print(f"  {k:<20} {v}")
+    if "audio_seconds" in rep:
+        a = rep["audio_seconds"]
+        print(f"audio seconds: min {a['min']:.2f}  mean {a['mean']:.2f}  max {a['max']:.2f}")
+    if "image_size" in rep:
+        s = rep["image_size"]
+        print(f"image size: min {s['min']}  mean [{s['mean'][0]:.0f}, {s['mean'][1]:.0f}]  max {s['max']}")
+    print("errors: " + (", ".join(f"{k}={v}" for k, v in sorted(rep["errors"].items())) or "none"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
