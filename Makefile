@@ -9,6 +9,8 @@ DEMO_DIR ?= data/demo
 DEMO_RUN ?= runs/demo
 export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= disabled
+# the venv first on PATH: deepspeed JIT-builds its shm op with the venv's ninja, and a mismatch rebuilds it
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo test test-fast bench lint clean
 
@@ -24,7 +26,7 @@ $(VENV)/.installed: setup.py
 demo: install
 	$(PY) tools/make_demo_data.py --out $(DEMO_DIR)
 	rm -rf $(DEMO_RUN)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_accelerators $(NPROC) --module mmpretrain.train \
+	$(VENV)/bin/deepspeed --num_accelerators $(NPROC) --module mmpretrain.train \
 		--config configs/demo.yaml run.output_dir=$(DEMO_RUN) \
 		"data.train=[{name: demo, urls: '$(DEMO_DIR)/train/train-{000000..000007}.tar'}]" \
 		data.eval_urls='$(DEMO_DIR)/eval/eval-000000.tar'

@@ -29,12 +29,15 @@ setup(
         "gpu": ["flash-attn>=2.5", "triton>=3.0"],
         "wandb": ["wandb>=0.16"],
         "hf": ["transformers>=4.40"],
-        "eval": ["scikit-learn>=1.3", "sacrebleu>=2.3"],
-        "dev": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "scikit-learn>=1.3", "sacrebleu>=2.3"],
+        "eval": ["scikit-learn>=1.3", "sacrebleu>=2.3", "pycocoevalcap>=1.2"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "scikit-learn>=1.3", "sacrebleu>=2.3", "pycocoevalcap>=1.2", "pyflakes>=3"],
     },
     entry_points={
         "console_scripts": [
             "mmpretrain-train=mmpretrain.train:main",
+            "mmpretrain-submit=mmpretrain.submit:main",
+            "mmpretrain-evaluate=mmpretrain.evaluate:main",
+            "mmpretrain-export=mmpretrain.export:main",
         ]
     },
 )

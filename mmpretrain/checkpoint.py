@@ -9,16 +9,27 @@ import os
 import random
 import re
 import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from mmpretrain import distributed as D
+from mmpretrain.safe_load import UnsafeCheckpointError, safe_load, use_safe_engine, verify_files, verify_safe
 
 log = logging.getLogger("mmpretrain.checkpoint")
 _TAG = re.compile(r"^step_(\d{8})$")
+
+
+def fault_steps(name: str) -> set:
+    """Fault injection for the crash and NaN tests: MMPRETRAIN_FAULT_<NAME>=3,4 (steps)."""
+    raw = os.environ.get(f"MMPRETRAIN_FAULT_{name}", "")
+    return {int(x) for x in raw.split(",") if x.strip()}
 
 
 def tag_for(step: int) -> str:
@@ -49,7 +60,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -90,12 +101,14 @@ def save(engine, root: Path, step: int, trainer_state: Dict[str, Any], rank_stat
     # our own `latest` (below) replaces DeepSpeed's, which it writes before its last barrier
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save({"rng": rng_state(), **rank_state}, ckpt / f"rank_{rank:05d}.pt")
+    if step in fault_steps("KILL_IN_SAVE"):  # crash-safety test: die with the save half done
+        os.kill(os.getpid(), signal.SIGKILL)
     D.barrier()  # every rank's files are on disk
     if rank == 0:
-        _atomic_write(ckpt / "trainer_state.json", json.dumps(trainer_state, indent=1))
-        _atomic_write(ckpt / "config.yaml", config_yaml)
-        _atomic_write(ckpt / "COMPLETE", f"{step}\n")
-        _atomic_write(root / "latest", tag + "\n")
+        atomic_write(ckpt / "trainer_state.json", json.dumps(trainer_state, indent=1))
+        atomic_write(ckpt / "config.yaml", config_yaml)
+        atomic_write(ckpt / "COMPLETE", f"{step}\n")
+        atomic_write(root / "latest", tag + "\n")
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
@@ -103,19 +116,130 @@ def save(engine, root: Path, step: int, trainer_state: Dict[str, Any], rank_stat
     return ckpt
 
 
-def load(engine, ckpt: Path, load_optimizer: bool = True) -> Dict[str, Any]:
-    """Collective. Restores engine state and this rank's RNG; returns trainer and rank state."""
+@dataclass
+class ResumePlan:
+    """How to resume `ckpt`: `exact` (same world size and ZeRO stage), `universal` (another
+    world size: DeepSpeed universal checkpoint) or `weights_only` (another ZeRO stage)."""
+
+    ckpt: Path
+    mode: str
+    trainer_state: Dict[str, Any]
+    load_dir: Optional[Path] = None  # the universal conversion, for mode 'universal'
+
+
+def read_trainer_state(ckpt: Path) -> Dict[str, Any]:
+    return json.loads((Path(ckpt) / "trainer_state.json").read_text())
+
+
+def plan_resume(ckpt: Path, world_size: int, zero_stage: int) -> ResumePlan:
+    state = read_trainer_state(ckpt)
+    saved_world, saved_stage = state.get("world_size"), state.get("zero_stage")
+    if saved_stage != zero_stage:
+        log.warning("checkpoint %s was written with ZeRO stage %s, this run uses %s: restarting from its "
+                    "weights only (optimizer state, schedule position and data order start fresh)",
+                    ckpt, saved_stage, zero_stage)
+        return ResumePlan(Path(ckpt), "weights_only", state)
+    if saved_world != world_size:
+        log.warning("checkpoint %s was written by %s processes, this run has %s: loading it through a "
+                    "DeepSpeed universal checkpoint", ckpt, saved_world, world_size)
+        if zero_stage == 0:
+            raise RuntimeError(f"{ckpt}: changing the world size needs ZeRO stage >= 1 (universal checkpoints)")
+        return ResumePlan(Path(ckpt), "universal", state)
+    return ResumePlan(Path(ckpt), "exact", state)
+
+
+def universal_dir(ckpt: Path) -> Path:
+    return ckpt.parent / f"{ckpt.name}_universal"
+
+
+def ensure_universal(ckpt: Path) -> Path:
+    """Collective. Rank 0 converts `ckpt` with DeepSpeed's ds_to_universal (once; the result
+    sits beside it as `<tag>_universal` with its own COMPLETE marker). Equivalent command:
+    python -m deepspeed.checkpoint.ds_to_universal --input_folder CKPT --output_folder CKPT_universal"""
+    out = universal_dir(Path(ckpt))
+    if D.rank() == 0 and not (out / "COMPLETE").exists():
+        verify_safe(ckpt)  # the converter unpickles the files without weights_only
+        if out.exists():
+            shutil.rmtree(out)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+               "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
+               "--no_strict"]
+        log.info("converting to a universal checkpoint: %s", " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ds_to_universal failed on {ckpt} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        for name in ("trainer_state.json", "config.yaml"):
+            shutil.copy2(ckpt / name, out / name)
+        atomic_write(out / "COMPLETE", (ckpt / "COMPLETE").read_text())
+    D.barrier()
+    return out
+
+
+def consolidated_state_dict(ckpt: Path) -> Dict[str, torch.Tensor]:
+    """Full fp32 module state from a checkpoint of any ZeRO stage (keys without 'model.')."""
     ckpt = Path(ckpt)
+    verify_safe(ckpt)
+    if (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists() or list(ckpt.glob("*zero_pp_rank_0_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:  # stage 0: the module file holds the full weights
+        sd = safe_load(ckpt / "mp_rank_00_model_states.pt")["module"]
+    prefix = "model."
+    return {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
+
+
+def load_consolidated_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    log.info("loaded weights only from %s", ckpt)
+
+
+def _rank_files(ckpt: Path, rank: int) -> List[Path]:
+    """The files this rank reads on an exact resume."""
+    return [f for f in ckpt.glob("*.pt") if f"zero_pp_rank_{rank}_" in f.name
+            or f.name in ("mp_rank_00_model_states.pt", f"rank_{rank:05d}.pt")]
+
+
+def _agree_safe(src: Path, mode: str) -> None:
+    """Collective. Every rank checks what it will unpickle before DeepSpeed's loader starts (whose
+    collectives would hang if one rank stopped inside it), and all ranks stop together."""
+    err: Optional[Exception] = None
+    try:
+        if mode == "universal":  # ZeRO's universal loader calls torch.load(weights_only=False) itself
+            verify_safe(src)
+        else:
+            verify_files(_rank_files(src, D.rank()))
+    except (UnsafeCheckpointError, RuntimeError) as e:
+        err = e
+    if D.all_reduce_sum(torch.tensor([float(err is not None)])).item() > 0:
+        if err is not None:
+            raise err
+        raise UnsafeCheckpointError(f"another rank refused a file of {src}; see its log")
+
+
+def load(engine, plan: "ResumePlan | Path", load_optimizer: bool = True) -> Dict[str, Any]:
+    """Collective. Restores engine state and this rank's RNG; returns trainer and rank state."""
+    if not isinstance(plan, ResumePlan):
+        plan = ResumePlan(Path(plan), "exact", read_trainer_state(plan))
+    ckpt = plan.ckpt
+    if plan.mode == "weights_only":  # weights went into the module before the engine was built
+        return {"trainer": {**plan.trainer_state, "step": 0, "samples_seen": 0}, "rank": {}}
+    src = plan.load_dir if plan.mode == "universal" else ckpt
+    _agree_safe(src, plan.mode)
+    use_safe_engine(engine)
     engine.load_checkpoint(
-        str(ckpt.parent), tag=ckpt.name, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer
+        str(src.parent), tag=src.name, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer
     )
+    trainer_state = plan.trainer_state
+    if plan.mode == "universal":
+        log.info("resumed from %s via %s (step %d)", ckpt, src, trainer_state["step"])
+        return {"trainer": trainer_state, "rank": {}}
     rank_file = ckpt / f"rank_{D.rank():05d}.pt"
     if not rank_file.exists():
-        raise FileNotFoundError(
-            f"{rank_file} is missing: the checkpoint was written by a different number of processes"
-        )
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"{rank_file} is missing: the checkpoint is incomplete or from another world size")
+    rank_state = safe_load(rank_file)
     set_rng_state(rank_state.pop("rng"))
-    trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
     log.info("resumed from %s (step %d)", ckpt, trainer_state["step"])
     return {"trainer": trainer_state, "rank": rank_state}

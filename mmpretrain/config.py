@@ -74,6 +74,7 @@ class TowerConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     patch_size: int = 8  # vision: pixels; audio: mel bins x frames
+    stem: str = "patch"  # vision: patch (one linear patchify) | conv (3x3 stride-2 convs; patch_size a power of 2)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class TextTowerConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     decoder_depth: int = 0  # multimodal decoder layers (captioning); 0 = off
+    decoder_queries: int = 16  # attentional-pooler queries per modality; 0 = attend to every token
 
 
 @dataclass
@@ -120,6 +122,8 @@ class LossConfig:
     min_valid_pairs: int = 2
     contrastive_weight: float = 1.0
     caption_weight: float = 2.0
+    # exact big-batch contrastive gradients over train.grad_accum micro-batches (no-grad feature pass first)
+    feature_cache: bool = False
 
 
 @dataclass
@@ -148,6 +152,8 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"  # auto | never | a checkpoint path
     max_nonfinite_steps: int = 5
+    # with SLURM_JOB_END_TIME set, save and exit for requeue this long before the limit (0 = off)
+    preempt_margin_minutes: float = 0.0
 
 
 @dataclass
@@ -171,6 +177,36 @@ class RunConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Caption decoding (mmpretrain.generation): greedy / beam / sampling."""
+
+    max_new_tokens: int = 64  # capped by data.text_max_len - 1
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off (CTRL-style, on tokens generated so far)
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """What the periodic eval (and `python -m mmpretrain.evaluate`) computes besides retrieval."""
+
+    zeroshot: bool = True  # needs json labels and class names
+    class_names: Optional[str] = None  # json list file; default: classes.json beside/above the eval shards
+    templates: List[str] = field(default_factory=lambda: ["{}"])  # prompt templates, `{}` = class name
+    captioning: bool = True  # when the model has a decoder
+    caption_samples: int = 128  # per modality; 0 = all eval samples
+    caption_attributes: Optional[str] = None  # "demo": also score attribute words of the demo data
+    linear_probe: bool = False  # periodic eval only; the evaluate CLI runs it by default
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -179,6 +215,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -189,7 +226,9 @@ _CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2, 3),
     "log.wandb.mode": ("disabled", "offline", "online"),
+    "model.vision.stem": ("patch", "conv"),
     "model.attention_backend": ("auto", "sdpa", "triton", "flash", "reference"),
+    "eval.caption_attributes": (None, "demo"),
 }
 # key -> (low, high, low inclusive?) ; None means unbounded on that side
 _RANGES = {
@@ -225,6 +264,18 @@ _RANGES = {
     "train.save_every": (0, None, True),
     "train.keep_last": (1, None, True),
     "train.max_nonfinite_steps": (1, None, True),
+    "model.text.decoder_queries": (0, 4096, True),
+    "eval.caption_samples": (0, None, True),
+    "eval.generation.max_new_tokens": (1, 4096, True),
+    "eval.generation.min_new_tokens": (0, 4096, True),
+    "eval.generation.num_beams": (1, 256, True),
+    "eval.generation.length_penalty": (-10.0, 10.0, True),
+    "eval.generation.temperature": (0.0, 100.0, False),
+    "eval.generation.top_k": (0, None, True),
+    "eval.generation.top_p": (0.0, 1.0, False),
+    "eval.generation.repetition_penalty": (0.0, 100.0, False),
+    "train.preempt_margin_minutes": (0.0, None, True),
+    "train.save_every_minutes": (0.0, None, True),
 }
 
 
@@ -258,6 +309,9 @@ def validate(cfg: Config) -> None:
             f"config key 'data.image_size' = {cfg.data.image_size} must be a multiple of "
             f"'model.vision.patch_size' = {cfg.model.vision.patch_size}"
         )
+    ps = cfg.model.vision.patch_size
+    if cfg.model.vision.stem == "conv" and (ps < 2 or ps & (ps - 1)):
+        raise ConfigError(f"config key 'model.vision.patch_size' = {ps} must be a power of 2 >= 2 with model.vision.stem=conv")
     if cfg.model.audio.n_mels % cfg.model.audio.patch_size:
         raise ConfigError(
             f"config key 'model.audio.n_mels' = {cfg.model.audio.n_mels} must be a multiple of "
@@ -282,6 +336,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys 'loss.pairs.*' and 'loss.caption_weight' are all 0: nothing to train")
     if cfg.model.text.decoder_depth < 0:
         raise ConfigError(f"config key 'model.text.decoder_depth' = {cfg.model.text.decoder_depth} must be >= 0")
+    if cfg.loss.caption_weight > 0 and cfg.model.text.decoder_depth == 0 and sum(
+            abs(w) for w in dataclasses.astuple(cfg.loss.pairs)) == 0:
+        raise ConfigError("config key 'loss.caption_weight' > 0 needs 'model.text.decoder_depth' > 0 when 'loss.pairs.*' are all 0")
+    bad_t = [t for t in cfg.eval.templates if "{}" not in t]
+    if bad_t:
+        raise ConfigError(f"config key 'eval.templates' has entries without '{{}}' (the class name slot): {bad_t}")
 
 
 def _check_heads(prefix: str, width: int, heads: int, depth: int) -> None:
@@ -300,7 +360,17 @@ def _merge(base: Any, other: Any, origin: str) -> Any:
     except OmegaConfBaseException as e:  # unknown key or wrong type
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
-        raise ConfigError(f"{origin}: config key '{key}' is invalid: {msg}") from None
+        raise ConfigError(f"{origin}: config key '{key}' is invalid: {msg}{_allowed_keys(e)}") from None
+
+
+def _allowed_keys(e: Exception) -> str:
+    """'; allowed keys: [...]' for an unknown key, from the schema section it was looked up in."""
+    import dataclasses
+
+    obj_type = getattr(e, "object_type", None)
+    if "not in" not in str(e) or not (isinstance(obj_type, type) and dataclasses.is_dataclass(obj_type)):
+        return ""
+    return f"; allowed keys in {obj_type.__name__}: {sorted(f.name for f in dataclasses.fields(obj_type))}"
 
 
 def parse_overrides(overrides: Sequence[str]) -> List[str]:

@@ -1,11 +1,12 @@
-"""Rank/world discovery for every launcher (torchrun, deepspeed, accelerate, srun),
+"""Rank/world discovery for every launcher (torchrun, deepspeed, accelerate, srun, mpirun),
 process-group set-up, and collectives that carry gradients."""
 from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,70 +24,168 @@ class DistInfo:
     local_world_size: int
     master_addr: str
     master_port: int
-    launcher: str  # torchrun | deepspeed | accelerate | slurm | single
+    launcher: str  # torchrun | deepspeed | accelerate | env | openmpi | mpich | slurm | single
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def _int(env: Mapping[str, str], name: str) -> int:
+# srun with one task per GPU and no MASTER_PORT: every task derives the same port from the
+# job id (the sbatch scripts of mmpretrain.submit export the same value).
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
+
+
+def slurm_port(job_id: int) -> int:
+    """The rendezvous port of a SLURM job: SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN."""
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
+
+
+def _int(env: Mapping[str, str], name: str, hint: str = "") -> int:
     raw = env.get(name)
     if raw is None:
-        raise LaunchError(f"environment variable {name} is not set")
+        raise LaunchError(f"environment variable {name} is not set{hint}")
     try:
-        return int(raw)
+        return int(raw.strip())
     except ValueError:
         raise LaunchError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
 def _slurm_first_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist ('node[01-04],x' -> 'node01') without scontrol."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        first = rest.split(",")[0].split("-")[0].rstrip("]")
-        return prefix + first
-    return head
+    """First host of a SLURM hostlist without scontrol: 'gpu-[007-009,012],x' -> 'gpu-007'."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first top-level element (commas also appear inside [])
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    first = nodelist[:end].strip()
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
+
+
+def _slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Tasks on node `node_id` from SLURM_TASKS_PER_NODE: '4(x2),2' -> [4, 4, 2][node_id]."""
+    counts: List[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if m is None:
+            raise LaunchError(f"environment variable SLURM_TASKS_PER_NODE={tasks_per_node!r} cannot be parsed")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if not 0 <= node_id < len(counts):
+        raise LaunchError(f"SLURM_NODEID={node_id} is outside SLURM_TASKS_PER_NODE={tasks_per_node!r}")
+    return counts[node_id]
+
+
+def _master(env: Mapping[str, str], world: int, launcher: str) -> Tuple[str, int]:
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    if world > 1 and (not addr or port is None):
+        missing = " and ".join(n for n, v in (("MASTER_ADDR", addr), ("MASTER_PORT", port)) if not v)
+        raise LaunchError(f"WORLD_SIZE={world} ({launcher}) but {missing} is not set; export the address "
+                          "and a free port of the rank-0 host (torchrun and deepspeed do this themselves)")
+    port_i = _int(env, "MASTER_PORT") if port is not None else 29500
+    if not 0 < port_i < 65536:
+        raise LaunchError(f"environment variable MASTER_PORT={port_i} is not a TCP port (1-65535)")
+    return addr or "127.0.0.1", port_i
+
+
+def _check(rank: int, local_rank: int, world: int, local_world: int, names: Tuple[str, str, str, str]) -> None:
+    r, lr, w, lw = names
+    if world < 1:
+        raise LaunchError(f"{w}={world} must be >= 1")
+    if not 0 <= rank < world:
+        raise LaunchError(f"{r}={rank} is outside [0, {w}={world})")
+    if not 1 <= local_world <= world:
+        raise LaunchError(f"{lw}={local_world} must be in [1, {w}={world}]")
+    if not 0 <= local_rank < local_world:
+        raise LaunchError(f"{lr}={local_rank} is outside [0, {lw}={local_world})")
+
+
+def _single(env: Mapping[str, str]) -> DistInfo:
+    addr, port = _master(env, 1, "single")
+    return DistInfo(0, 0, 1, 1, addr, port, "single")
+
+
+def _from_torch_env(env: Mapping[str, str]) -> DistInfo:
+    """torchrun, the deepspeed launcher and accelerate export RANK/WORLD_SIZE/LOCAL_RANK;
+    under `srun torchrun` these win over SLURM's per-task variables."""
+    hint = " (RANK, WORLD_SIZE and LOCAL_RANK come together from torchrun/deepspeed/accelerate)"
+    rank, world = _int(env, "RANK", hint), _int(env, "WORLD_SIZE", hint)
+    local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+    lw_name = "LOCAL_WORLD_SIZE" if "LOCAL_WORLD_SIZE" in env else "LOCAL_SIZE"  # deepspeed: LOCAL_SIZE
+    local_world = _int(env, lw_name) if lw_name in env else world
+    if any(k.startswith("ACCELERATE_") for k in env):
+        launcher = "accelerate"
+    elif "TORCHELASTIC_RUN_ID" in env:
+        launcher = "torchrun"
+    elif "CROSS_RANK" in env or "LOCAL_SIZE" in env:
+        launcher = "deepspeed"
+    else:
+        launcher = "env"
+    _check(rank, local_rank, world, local_world, ("RANK", "LOCAL_RANK", "WORLD_SIZE", lw_name))
+    addr, port = _master(env, world, launcher)
+    return DistInfo(rank, local_rank, world, local_world, addr, port, launcher)
+
+
+def _from_mpi(env: Mapping[str, str], names: Tuple[str, str, str, str], launcher: str) -> DistInfo:
+    """mpirun (deepspeed --launcher openmpi|mpich|impi): MASTER_ADDR/PORT must be exported."""
+    r, lr, w, lw = names
+    rank, world = _int(env, r), _int(env, w)
+    local_rank = _int(env, lr) if lr in env else rank
+    local_world = _int(env, lw) if lw in env else world
+    _check(rank, local_rank, world, local_world, names)
+    addr, port = _master(env, world, launcher)
+    return DistInfo(rank, local_rank, world, local_world, addr, port, launcher)
+
+
+def _from_slurm(env: Mapping[str, str]) -> DistInfo:
+    """srun with one task per process: SLURM_PROCID -> rank, SLURM_LOCALID -> local rank,
+    SLURM_NTASKS -> world size; the address defaults to the first host of the step."""
+    world = _int(env, "SLURM_NTASKS", " (srun sets it for every task)")
+    if "SLURM_STEP_ID" not in env:  # the batch script itself, not a task of an srun step
+        if world > 1:
+            raise LaunchError(
+                f"SLURM_NTASKS={world} but this process is not an srun task (SLURM_STEP_ID is not set): "
+                "start one process per task with `srun python -m mmpretrain.train ...`, or use torchrun")
+        return _single(env)
+    rank = _int(env, "SLURM_PROCID")
+    local_rank = _int(env, "SLURM_LOCALID", " (srun sets it for every task)")
+    if "SLURM_TASKS_PER_NODE" in env:
+        local_world = _slurm_tasks_on_node(env["SLURM_TASKS_PER_NODE"], _int(env, "SLURM_NODEID"))
+        lw_name = "tasks on this node (SLURM_TASKS_PER_NODE)"
+    else:
+        lw_name = "SLURM_NTASKS_PER_NODE"
+        local_world = _int(env, lw_name) if lw_name in env else world
+    _check(rank, local_rank, world, local_world, ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", lw_name))
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if not nodelist and world > 1:
+            raise LaunchError("MASTER_ADDR and SLURM_JOB_NODELIST are both unset; cannot find the rank-0 host")
+        addr = _slurm_first_host(nodelist) if nodelist else "127.0.0.1"
+    if "MASTER_PORT" in env:
+        port = _int(env, "MASTER_PORT")
+    else:
+        port = slurm_port(_int(env, "SLURM_JOB_ID", " and neither is MASTER_PORT"))
+    return DistInfo(rank, local_rank, world, local_world, addr, port, "slurm")
 
 
 def discover(env: Optional[Mapping[str, str]] = None) -> DistInfo:
-    """Read rank and world from the environment the launcher set up."""
+    """Read rank and world from the environment the launcher set up.
+
+    Precedence: torch-style RANK/WORLD_SIZE (torchrun, deepspeed, accelerate; they win under
+    `srun torchrun`) > MPI (OMPI_COMM_WORLD_*, PMI_*) > SLURM task variables > one process.
+    Raises LaunchError naming the variable that is missing, malformed or inconsistent."""
     env = os.environ if env is None else env
     if "RANK" in env or "WORLD_SIZE" in env:
-        # torchrun, the deepspeed launcher and accelerate all export these
-        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
-        local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
-        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
-        if "ACCELERATE_DYNAMO_BACKEND" in env or any(k.startswith("ACCELERATE_") for k in env):
-            launcher = "accelerate"
-        elif "DS_ACCELERATOR" in env or "CROSS_RANK" in env or env.get("TORCHELASTIC_RUN_ID") is None:
-            launcher = "deepspeed"
-        else:
-            launcher = "torchrun"
-        addr = env.get("MASTER_ADDR")
-        port = env.get("MASTER_PORT")
-        if world > 1 and (addr is None or port is None):
-            raise LaunchError("WORLD_SIZE > 1 but MASTER_ADDR or MASTER_PORT is not set")
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        # srun with one task per GPU: SLURM's own variables are the truth
-        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
-        local_rank = _int(env, "SLURM_LOCALID")
-        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0) or world
-        launcher = "slurm"
-        addr = env.get("MASTER_ADDR") or _slurm_first_host(env.get("SLURM_JOB_NODELIST", "localhost"))
-        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-    else:
-        return DistInfo(0, 0, 1, 1, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "single")
-    if not 0 <= rank < world:
-        raise LaunchError(f"rank {rank} is outside world size {world}")
-    if not 0 <= local_rank < max(local_world, 1):
-        raise LaunchError(f"local rank {local_rank} is outside local world size {local_world}")
-    try:
-        port_i = int(port) if port is not None else 29500
-    except ValueError:
-        raise LaunchError(f"environment variable MASTER_PORT={port!r} is not an integer") from None
-    return DistInfo(rank, local_rank, world, local_world, addr or "127.0.0.1", port_i, launcher)
+        return _from_torch_env(env)
+    if "OMPI_COMM_WORLD_RANK" in env or "OMPI_COMM_WORLD_SIZE" in env:
+        return _from_mpi(env, ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
+                               "OMPI_COMM_WORLD_LOCAL_SIZE"), "openmpi")
+    if "PMI_RANK" in env or "PMI_SIZE" in env:
+        return _from_mpi(env, ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE", "MPI_LOCALNRANKS"), "mpich")
+    if "SLURM_PROCID" in env or "SLURM_STEP_ID" in env:
+        return _from_slurm(env)
+    return _single(env)
 
 
 def init(info: DistInfo, timeout_minutes: float = 30.0) -> None:

@@ -14,7 +14,7 @@ from mmpretrain.config import Config
 _NO_DECAY_HINTS = ("logit_scale", "logit_bias", "pos", "cls", "tok.", "ln", "norm")
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> Dict[str, Any]:
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> Dict[str, Any]:
     t = cfg.train
     ds: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -26,8 +26,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> Dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        # lets ds_to_universal convert a checkpoint without extra flags
-        "checkpoint": {"load_universal": False},
+        # True only when resuming a universal checkpoint (a world-size change)
+        "checkpoint": {"load_universal": load_universal},
     }
     if t.zero_stage == 3:
         ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
@@ -67,6 +67,21 @@ def lr_lambda(cfg: Config):
     return f
 
 
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be skipped, reported to DeepSpeed the way its fp16 optimizer
+    reports an overflow (`overflow`): the engine then counts a skipped step and holds the LR
+    schedule. ZeRO 1-3 skip non-finite steps themselves; this gives stage 0 the same."""
+
+    skip_next: bool = False
+    overflow: bool = False
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        self.overflow, self.skip_next = self.skip_next, False
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 class TrainModule(nn.Module):
     """What DeepSpeed wraps: batch in, (total loss, metrics) out."""
 
@@ -78,15 +93,25 @@ class TrainModule(nn.Module):
         self.cfg = cfg
         self.contrastive = ContrastiveLoss(cfg)
 
-    def forward(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        out = self.model(batch)
-        masks = {"image": batch["image_mask"], "audio": batch["audio_mask"], "text": batch["text_mask"]}
-        loss_con, metrics = self.contrastive(out, masks)
+    def forward(
+        self, batch: Dict[str, torch.Tensor], feature_cache: Any = None, micro_index: int = 0
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """feature_cache (mmpretrain.feature_cache.FeatureCache): score micro-batch `micro_index`
+        against every cached micro-batch of the step (exact big-batch contrastive gradient)."""
+        if feature_cache is None:
+            out = self.model(batch)
+            masks = {"image": batch["image_mask"], "audio": batch["audio_mask"], "text": batch["text_mask"]}
+            loss_con, metrics = self.contrastive(out, masks)
+        else:
+            with feature_cache.replay_rng(micro_index):
+                out = self.model(batch)
+            loss_con, metrics = feature_cache.contrastive(self.contrastive, out, micro_index)
         total = self.cfg.loss.contrastive_weight * loss_con
         if getattr(self.model, "decoder", None) is not None:
             from mmpretrain.losses import caption_loss
 
-            loss_cap, cap_metrics = caption_loss(self.model, out, batch)
+            denom = None if feature_cache is None else feature_cache.caption_denominator
+            loss_cap, cap_metrics = caption_loss(self.model, out, batch, denominator=denom)
             total = total + self.cfg.loss.caption_weight * loss_cap
             metrics.update(cap_metrics)
         metrics["loss"] = self.cfg.loss.contrastive_weight * metrics.get("loss/contrastive", 0.0) + (
@@ -95,12 +120,16 @@ class TrainModule(nn.Module):
         return total, metrics
 
 
-def build_engine(cfg: Config, model: nn.Module, world_size: int):
+def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False):
     """-> (deepspeed engine wrapping TrainModule, optimizer, scheduler)."""
     import deepspeed
 
     module = TrainModule(model, cfg)
-    opt = torch.optim.AdamW(
+    # saved into every checkpoint, so ds_to_universal converts it without extra flags
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+    module.universal_checkpoint_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    opt = SkippableAdamW(
         param_groups(module, cfg.optim.weight_decay),
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
@@ -108,7 +137,7 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine, opt, _, sched = deepspeed.initialize(
-        model=module, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world_size)
+        model=module, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world_size, load_universal)
     )
     return engine, opt, sched
 

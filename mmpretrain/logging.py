@@ -88,11 +88,14 @@ class MetricsLogger:
         done = max(step - self.start_step, 1)
         elapsed = time.time() - self.t0
         eta = elapsed / done * max(self.total - step, 0)
-        parts = [f"step {step}/{self.total}", f"loss {rec.get('loss', float('nan')):.4f}"]
+        parts = [f"step {step}/{self.total}", f"loss {_fmt(rec.get('loss'), '.4f')}"]
         for k in sorted(rec):
             if k.startswith("loss/"):
-                parts.append(f"{k[5:]} {rec[k]:.3f}")
-        parts += [f"lr {rec.get('lr', 0):.2e}", f"{rec.get('samples_per_s', 0):.1f} samples/s", f"ETA {eta:.0f}s"]
+                parts.append(f"{k[5:]} {_fmt(rec[k], '.3f')}")
+        parts += [f"lr {_fmt(rec.get('lr', 0), '.2e')}", f"{_fmt(rec.get('samples_per_s', 0), '.1f')} samples/s",
+                  f"ETA {eta:.0f}s"]
+        if rec.get("nonfinite_steps"):
+            parts.append(f"{rec['nonfinite_steps']} non-finite steps skipped")
         return " | ".join(parts)
 
     def close(self) -> None:
@@ -101,3 +104,8 @@ class MetricsLogger:
         self.fh.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _fmt(v: Any, spec: str) -> str:
+    """A number with `spec`; anything else (None, 'NaN' after _jsonable) as it is."""
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import math
 import random
 import sys
 import time
@@ -16,10 +18,20 @@ import torch
 from mmpretrain import checkpoint as ckpt_lib
 from mmpretrain import distributed as D
 from mmpretrain.config import Config, ConfigError, config_hash, load_config, to_yaml
+from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatcher
 
 log = logging.getLogger("mmpretrain.train")
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NONFINITE_EXIT_CODE = 3
+
+
+class Preempted(Exception):
+    """Every rank saw the preemption flag and the checkpoint is saved."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -56,20 +68,39 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         model = build_model(cfg, self.tokenizer.vocab_size)
-        self.engine, self.optimizer, self.scheduler = build_engine(cfg, model, info.world_size)
+        # what to resume and how: exact, universal (other world size) or weights only (other ZeRO stage)
+        resume = ckpt_lib.find_resume(self.ckpt_root, cfg.train.resume)
+        plan = ckpt_lib.plan_resume(resume, info.world_size, cfg.train.zero_stage) if resume else None
+        if plan is not None and plan.mode == "weights_only":
+            ckpt_lib.load_consolidated_weights(model, resume)  # before ZeRO partitions the module
+        if plan is not None and plan.mode == "universal":
+            plan.load_dir = ckpt_lib.ensure_universal(resume)
+        self.engine, self.optimizer, self.scheduler = build_engine(
+            cfg, model, info.world_size, load_universal=plan is not None and plan.mode == "universal")
         self.dtype = _DTYPES[cfg.train.precision]
         seed_everything(cfg.run.seed + 1000 * info.rank)  # per-rank streams (dropout, augment)
-        self.loader = build_train_loader(cfg, info.rank, info.world_size, self.tokenizer)
+        # the data seed moves on after a non-exact resume (see _data_cfg); the loader is built before
+        # the checkpoint restores the RNG, as in an uninterrupted run
+        self.data_seed = plan.trainer_state.get("data_seed", cfg.run.seed) if plan is not None else cfg.run.seed
+        if plan is not None and plan.mode != "exact":
+            log.warning("resume mode '%s': the data stream restarts (seed + step); exact data order "
+                        "is kept only for the same world size", plan.mode)
+            self.data_seed += plan.trainer_state["step"]
+        self.loader = build_train_loader(self._data_cfg(), info.rank, info.world_size, self.tokenizer)
         self.step, self.samples_seen = 0, 0
         self.modality_counts = {"image": 0, "audio": 0, "text": 0}
-        resume = ckpt_lib.find_resume(self.ckpt_root, cfg.train.resume)
-        if resume is not None:
-            state = ckpt_lib.load(self.engine, resume)
+        self.nonfinite_total, self.nonfinite_run = 0, 0
+        if plan is not None:
+            state = ckpt_lib.load(self.engine, plan)
             t = state["trainer"]
             self.step, self.samples_seen = t["step"], t["samples_seen"]
             self.modality_counts = t.get("modality_counts", self.modality_counts)
-            self.loader.load_state_dict(state["rank"]["data"])
+            self.nonfinite_total = t.get("nonfinite_total", 0)
+            if plan.mode == "exact":
+                self.loader.load_state_dict(state["rank"]["data"])
         self.metrics = MetricsLogger(cfg, info.rank, cfg.train.steps, start_step=self.step)
+        self.watcher = PreemptionWatcher(cfg.train.preempt_margin_minutes * 60).install()
+        self._nan_image_steps = ckpt_lib.fault_steps("NAN_IMAGE_STEPS")
 
     @property
     def model(self):
@@ -79,18 +110,53 @@ class Trainer:
     def _next_batch(self) -> Dict[str, Any]:
         from mmpretrain.engine import batch_to_device
 
-        return batch_to_device(next(self.loader), self.engine.device, self.dtype)
+        batch = batch_to_device(next(self.loader), self.engine.device, self.dtype)
+        if self.step + 1 in self._nan_image_steps and self.info.rank == 0:
+            batch["image"][0] = float("nan")  # fault injection: one poisoned input on one rank
+        return batch
+
+    def _grads_finite_stage0(self) -> bool:
+        """ZeRO 1-3 skip non-finite gradients themselves; stage 0 hands them to torch."""
+        bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.engine.module.parameters())
+        return not bool(D.all_reduce_sum(torch.tensor([float(bad)])).item())
+
+    def _data_cfg(self) -> Config:
+        """The config the loader sees: run.seed is the data seed (moved on by a non-exact resume)."""
+        if self.data_seed == self.cfg.run.seed:
+            return self.cfg
+        return dataclasses.replace(self.cfg, run=dataclasses.replace(self.cfg.run, seed=self.data_seed))
 
     def train_step(self) -> Dict[str, float]:
         t0 = time.perf_counter()
         data_wait = 0.0
         totals: Dict[str, float] = {}
-        for _ in range(self.cfg.train.grad_accum):
+        bad_terms: List[str] = []
+        skipped_before = self.engine.skipped_steps
+        grads_ok = True
+        cache = None
+        if self.cfg.loss.feature_cache:  # exact big-batch contrastive gradient (mmpretrain.feature_cache)
+            from mmpretrain.feature_cache import FeatureCache
+
             td = time.perf_counter()
-            batch = self._next_batch()
+            pending = [self._next_batch() for _ in range(self.cfg.train.grad_accum)]
             data_wait += time.perf_counter() - td
-            loss, metrics = self.engine(batch)
+            cache = FeatureCache.build(self.model, pending)
+        for micro in range(self.cfg.train.grad_accum):
+            td = time.perf_counter()
+            batch = cache.batches[micro] if cache is not None else self._next_batch()
+            data_wait += time.perf_counter() - td
+            loss, metrics = self.engine(batch) if cache is None else self.engine(batch, feature_cache=cache,
+                                                                                  micro_index=micro)
+            # every rank must learn of a bad loss anywhere, so they skip the same step
+            terms = {k: float(v) for k, v in metrics.items() if k.startswith("loss")}
+            local_bad = [k for k, v in terms.items() if not math.isfinite(v)]
+            if D.all_reduce_sum(torch.tensor([float(bool(local_bad))])).item() > 0:
+                bad_terms.extend(local_bad or ["(another rank)"])
             self.engine.backward(loss)
+            if micro == self.cfg.train.grad_accum - 1 and self.cfg.train.zero_stage == 0:
+                grads_ok = self._grads_finite_stage0()
+                if not grads_ok or bad_terms:
+                    self.engine.client_optimizer.skip_next = True  # engine.SkippableAdamW
             self.engine.step()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / self.cfg.train.grad_accum
@@ -99,17 +165,32 @@ class Trainer:
             for m in self.modality_counts:
                 self.modality_counts[m] += int(D.all_reduce_sum(batch[f"{m}_mask"].sum()).item())
         self.step += 1
+        nonfinite = bool(bad_terms) or not grads_ok or self.engine.skipped_steps > skipped_before
+        self._count_nonfinite(nonfinite, bad_terms)
         totals["step_time"] = time.perf_counter() - t0
         totals["data_wait"] = data_wait
+        totals["nonfinite_steps"] = self.nonfinite_total
         return totals
+
+    def _count_nonfinite(self, nonfinite: bool, bad_terms: List[str]) -> None:
+        if not nonfinite or self.cfg.train.precision == "fp16" and not bad_terms:
+            self.nonfinite_run = 0  # fp16 loss-scale overflows are routine, not failures
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        what = f"loss terms {sorted(set(bad_terms))}" if bad_terms else "gradient (all loss terms finite)"
+        log.warning("step %d skipped: non-finite %s (%d in a row)", self.step, what, self.nonfinite_run)
+        if self.nonfinite_run >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.nonfinite_run} consecutive steps up to step {self.step} had a non-finite {what}; "
+                f"stopping (train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}). Last good checkpoint: "
+                f"{ckpt_lib.find_resume(self.ckpt_root, 'auto')}")
 
     def _record(self, m: Dict[str, float]) -> Dict[str, Any]:
         mb = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.info.world_size
         rec: Dict[str, Any] = {"kind": "train", "step": self.step, "samples_seen": self.samples_seen}
         rec.update(m)
         rec["lr"] = self.scheduler.get_last_lr()[0]
-        for p in ("image_text", "audio_text", "image_audio"):
-            rec[f"temperature/{p}"] = float(1.0 / self.model.scale(p).detach().float())
         gn = self.engine.get_global_grad_norm()
         rec["grad_norm"] = float(gn) if gn is not None else None
         rec["samples_per_s"] = mb / max(m["step_time"], 1e-9)
@@ -125,6 +206,8 @@ class Trainer:
             "config_hash": config_hash(self.cfg),
             "world_size": self.info.world_size,
             "zero_stage": self.cfg.train.zero_stage,
+            "nonfinite_total": self.nonfinite_total,
+            "data_seed": self.data_seed,
         }
         ckpt_lib.save(
             self.engine, self.ckpt_root, self.step, trainer_state, {"data": self.loader.state_dict()},
@@ -136,7 +219,17 @@ class Trainer:
             return None
         from mmpretrain.eval.runner import evaluate_retrieval
 
-        res = evaluate_retrieval(self.model, self.cfg, self.tokenizer, self.engine.device, self.dtype)
+        kept: Dict[str, Any] = {}
+        res = evaluate_retrieval(self.model, self.cfg, self.tokenizer, self.engine.device, self.dtype, keep=kept)
+        from mmpretrain.evaluate import periodic_extras  # zero-shot, captioning, probe (cfg.eval)
+
+        res.update(periodic_extras(self.model, self.cfg, self.tokenizer, self.engine.device, self.dtype,
+                                   kept.get("embedded")))
+        if self.info.is_main:
+            from mmpretrain.evaluate import summary_lines
+
+            for line in summary_lines(res):
+                log.info("eval step %d: %s", self.step, line)
         self.metrics.log({"kind": "eval", "step": self.step, **res}, console=False)
         return res
 
@@ -151,6 +244,11 @@ class Trainer:
             m = self.train_step()
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 self.metrics.log(self._record(m))
+            if self.watcher.agreed():  # collective: every rank takes the same branch
+                self.save()
+                self.metrics.log({"kind": "preempted", "step": self.step, "reason": self.watcher.flag or "peer"},
+                                 console=True)
+                raise Preempted(f"preempted at step {self.step} ({self.watcher.flag or 'another rank'}); saved")
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 self.evaluate()
             minutes = cfg.train.save_every_minutes
@@ -160,11 +258,16 @@ class Trainer:
             if due and self.step < cfg.train.steps:
                 self.save()
                 last_save = time.time()
-        self.save()
+        if not (ckpt_lib.find_resume(self.ckpt_root, "auto") or Path()).name == ckpt_lib.tag_for(self.step):
+            self.save()
         result["after"] = self.evaluate()
+        self.close()
+        return result
+
+    def close(self) -> None:
+        self.watcher.uninstall()
         self.metrics.close()
         self.loader.close()
-        return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -183,9 +286,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if info.is_main:
         Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.output_dir) / "config.yaml").write_text(to_yaml(cfg))
+        (Path(cfg.run.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)  # this is the requeued run
     log.info("launcher=%s rank=%d/%d local_rank=%d", info.launcher, info.rank, info.world_size, info.local_rank)
-    trainer = Trainer(cfg, info)
-    result = trainer.run()
+    from mmpretrain.safe_load import UnsafeCheckpointError
+
+    try:
+        trainer = Trainer(cfg, info)
+    except UnsafeCheckpointError as e:  # every rank raises it together (checkpoint._agree_safe)
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.run()
+    except Preempted as e:
+        log.warning("%s; exiting with code %d for requeue", e, REQUEUE_EXIT_CODE)
+        trainer.close()
+        if info.is_main:
+            ckpt_lib.atomic_write(Path(cfg.run.output_dir) / PREEMPTED_MARKER, f"{trainer.step} {trainer.watcher.flag}\n")
+        D.barrier()
+        return REQUEUE_EXIT_CODE
+    except NonFiniteError as e:
+        log.error("%s", e)
+        return NONFINITE_EXIT_CODE
     if info.is_main and result.get("after"):
         from mmpretrain.eval.report import format_table
 

@@ -16,3 +16,14 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/trainkit.py
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Tiny demo shards shared by every test that runs real training processes."""
+    import trainkit
+
+    return trainkit.make_tiny_data(tmp_path_factory.mktemp("tiny_data"))

@@ -99,7 +99,8 @@ def render_image(shape: str, colour: str, rng: np.random.Generator, size: int = 
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     img = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
 
-    r = rng.uniform(0.18, 0.36) * size  # circumradius
+    # large shapes near upright: a tiny model must learn shape within a CPU demo's minutes
+    r = rng.uniform(0.26, 0.4) * size  # circumradius
     cx, cy = rng.uniform(r + 1, size - r - 1, 2)
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
@@ -107,7 +108,9 @@ def render_image(shape: str, colour: str, rng: np.random.Generator, size: int = 
         rc = 0.85 * r  # so circles are not much bigger than the polygons
         draw.ellipse([cx - rc, cy - rc, cx + rc, cy + rc], fill=255)
     else:
-        draw.polygon(_shape_polygon(shape, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=255)
+        upright = {"square": math.pi / 4, "triangle": -math.pi / 2, "cross": 0.0}[shape]
+        theta = upright + rng.uniform(-0.3, 0.3)  # +-17 degrees
+        draw.polygon(_shape_polygon(shape, cx, cy, r, theta), fill=255)
     fg = np.clip(np.asarray(RGB[colour], np.float32) + rng.uniform(-25, 25, 3), 0, 255)
     m = np.asarray(mask, np.float32)[..., None] / 255.0
     img = img * (1 - m) + fg[None, None, :] * m

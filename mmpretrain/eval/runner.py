@@ -4,7 +4,7 @@ Under ZeRO-3 every forward is collective, so ranks with fewer batches run dummy
 forwards until all ranks are done."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -44,13 +44,18 @@ def embed_split(model, loader, device: torch.device, dtype: torch.dtype) -> Dict
     return {k: torch.cat(v) if v else torch.empty(0) for k, v in cols.items()}
 
 
-def evaluate_retrieval(model, cfg: Config, tokenizer, device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
+def evaluate_retrieval(model, cfg: Config, tokenizer, device: torch.device, dtype: torch.dtype,
+                       keep: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Retrieval metrics of the eval split; `keep`, if given, receives the gathered embeddings
+    under 'embedded' (reused by the zero-shot / probe evals)."""
     from mmpretrain.data.pipeline import build_eval_loader
     from mmpretrain.eval.retrieval import gather_features, retrieval_report
 
     loader = build_eval_loader(cfg.data.eval_urls, cfg, tokenizer, batch_size=cfg.train.micro_batch_size, rank=D.rank(), world_size=D.world_size())
     local = embed_split(model, loader, device, dtype)
     full = {k: gather_features(v) for k, v in local.items()}
+    if keep is not None:
+        keep["embedded"] = full
     emb = {m: full[m] for m in ("image", "audio", "text")}
     masks = {m: full[f"{m}_mask"].bool() for m in ("image", "audio", "text")}
     labels = full["label"] if (full["label"] >= 0).all() and full["label"].numel() else None

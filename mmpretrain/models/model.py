@@ -32,9 +32,10 @@ class MultimodalModel(nn.Module):
         self.text_proj = nn.Linear(m.text.width, m.embed_dim, bias=False)
         init_weights(self)
         init_scale = math.log(1.0 / cfg.loss.init_temperature)
-        self.logit_scale = nn.ParameterDict({p: nn.Parameter(torch.tensor(init_scale)) for p in PAIRS})
+        # shape (1,), not 0-dim: DeepSpeed's parameter broadcast views tensors as bytes
+        self.logit_scale = nn.ParameterDict({p: nn.Parameter(torch.full((1,), init_scale)) for p in PAIRS})
         # SigLIP's bias starts at -10 (paper); unused (and zero-grad) under InfoNCE
-        self.logit_bias = nn.ParameterDict({p: nn.Parameter(torch.tensor(-10.0)) for p in PAIRS})
+        self.logit_bias = nn.ParameterDict({p: nn.Parameter(torch.full((1,), -10.0)) for p in PAIRS})
         self.max_log_scale = math.log(cfg.loss.max_logit_scale)
         self.decoder: Optional[nn.Module] = None
         if m.text.decoder_depth > 0:
@@ -58,8 +59,19 @@ class MultimodalModel(nn.Module):
         emb = F.normalize(self.text_proj(pooled), dim=-1)
         return (emb, states) if return_tokens else emb
 
+    def generate(self, image: Optional[torch.Tensor] = None, audio: Optional[torch.Tensor] = None, *, bos_id: int,
+                 eos_id: int, pad_id: int, image_mask: Optional[torch.Tensor] = None,
+                 audio_mask: Optional[torch.Tensor] = None, **gen_kwargs):
+        """Caption token ids for images and / or audio (mmpretrain.generation.generate_ids); gen_kwargs
+        are GenerationConfig fields (num_beams, do_sample, top_k, top_p, max_new_tokens, ...)."""
+        from mmpretrain.config import GenerationConfig
+        from mmpretrain.generation import generate_ids
+
+        return generate_ids(self, bos_id, eos_id, pad_id, image, audio, image_mask, audio_mask,
+                            GenerationConfig(**gen_kwargs))
+
     def scale(self, pair: str) -> torch.Tensor:
-        return self.logit_scale[pair].clamp(max=self.max_log_scale).exp()
+        return self.logit_scale[pair].clamp(max=self.max_log_scale).exp().squeeze(0)
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Every tower runs every step, present or not, so ZeRO's collectives line up."""
@@ -70,7 +82,7 @@ class MultimodalModel(nn.Module):
                "text_states": txt_states}
         for p in PAIRS:
             out[f"scale/{p}"] = self.scale(p)
-            out[f"bias/{p}"] = self.logit_bias[p]
+            out[f"bias/{p}"] = self.logit_bias[p].squeeze(0)
         return out
 
 

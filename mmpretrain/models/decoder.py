@@ -1,0 +1,104 @@
+"""CoCa-style multimodal text decoder: attentional poolers summarise the image and audio
+tokens, modality embeddings tag them, and causal layers over the unimodal text states
+cross-attend to whichever modalities are present and predict the next caption token."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from mmpretrain.config import Config
+from mmpretrain.models.transformer import Encoder, init_weights
+from mmpretrain.ops.attention import attention
+
+MODALITIES = ("image", "audio")
+
+
+class AttentionalPooler(nn.Module):
+    """`n_queries` learned queries cross-attend to a token sequence (CoCa's attentional pooler).
+
+    tokens (B, N, C) [+ key mask (B, N), True = keep] -> (B, n_queries, W). With n_queries == 0
+    the tokens are only projected to W (the decoder then attends to every token)."""
+
+    def __init__(self, ctx_width: int, width: int, heads: int, n_queries: int) -> None:
+        super().__init__()
+        self.heads, self.n_queries = heads, n_queries
+        self.ln_k = nn.LayerNorm(ctx_width)
+        if n_queries > 0:
+            self.queries = nn.Parameter(torch.randn(n_queries, width) * 0.02)
+            self.ln_q = nn.LayerNorm(width)
+            self.q = nn.Linear(width, width)
+            self.kv = nn.Linear(ctx_width, 2 * width)
+            self.out = nn.Linear(width, width)
+        else:
+            self.proj = nn.Linear(ctx_width, width)
+        self.ln_out = nn.LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.ln_k(tokens)
+        if self.n_queries == 0:
+            return self.ln_out(self.proj(x))
+        b = tokens.shape[0]
+        q = self.q(self.ln_q(self.queries)).expand(b, -1, -1)  # (B, Q, W)
+        k, v = self.kv(x).chunk(2, dim=-1)  # (B, N, W) each
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+
+        o = attention(split(q), split(k), split(v), key_padding_mask=mask)  # (B, H, Q, Dh)
+        o = o.transpose(1, 2).reshape(b, self.n_queries, -1)
+        return self.ln_out(self.out(o))
+
+
+class MultimodalDecoder(nn.Module):
+    """Poolers + modality embeddings + `decoder_depth` causal blocks with cross-attention + LM head.
+
+    `context()` builds the cross-attention memory from the present modalities; `forward()`
+    maps unimodal text states (B, L, W) to next-token logits (B, L, V)."""
+
+    def __init__(self, cfg: Config, vocab_size: int) -> None:
+        super().__init__()
+        m = cfg.model
+        t = m.text
+        width = t.width
+        self.width = width
+        self.poolers = nn.ModuleDict({
+            "image": AttentionalPooler(m.vision.width, width, t.heads, t.decoder_queries),
+            "audio": AttentionalPooler(m.audio.width, width, t.heads, t.decoder_queries),
+        })
+        self.modality_embed = nn.ParameterDict({k: nn.Parameter(torch.zeros(1, 1, width)) for k in MODALITIES})
+        self.encoder = Encoder(width, t.decoder_depth, t.heads, t.mlp_ratio, m.dropout, cross=True)
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size, bias=False)
+        init_weights(self)
+        for k in MODALITIES:
+            nn.init.normal_(self.modality_embed[k], std=0.02)
+
+    def context(
+        self,
+        tokens: Dict[str, Optional[torch.Tensor]],
+        keep: Dict[str, Optional[torch.Tensor]],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention memory of the given modalities.
+
+        tokens[m]: (B, N_m, C_m) encoder tokens or None (modality not computed); keep[m]: (B,)
+        bool, which rows may attend to modality m (None = all). Returns (ctx (B, T, W),
+        ctx_mask (B, T) bool); a row whose modalities are all masked attends to nothing."""
+        parts, masks = [], []
+        for m in MODALITIES:
+            tok = tokens.get(m)
+            if tok is None:
+                continue
+            pooled = self.poolers[m](tok) + self.modality_embed[m].to(tok.dtype)  # (B, Q, W)
+            k = keep.get(m)
+            k = torch.ones(tok.shape[0], dtype=torch.bool, device=tok.device) if k is None else k.bool()
+            parts.append(pooled)
+            masks.append(k[:, None].expand(-1, pooled.shape[1]))
+        if not parts:
+            raise ValueError("the decoder needs image or audio tokens")
+        return torch.cat(parts, 1), torch.cat(masks, 1)
+
+    def forward(self, text_states: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(text_states, causal=True, context=ctx.to(text_states.dtype), context_mask=ctx_mask)
+        return self.head(self.ln_f(x))  # (B, L, V)

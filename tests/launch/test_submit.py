@@ -1,0 +1,172 @@
+"""mmpretrain-submit without a cluster: the rendered sbatch script (both launchers), flag
+validation, and submission through a stand-in sbatch that records the job id."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launchkit import REPO, TINY_CONFIG
+from mmpretrain.distributed import slurm_port
+from mmpretrain.submit import SubmitError, build_parser, main, parse_time, spec_from_args, submit
+
+
+def _spec(tmp_path: Path, *flags: str):
+    args = build_parser().parse_args(["--config", str(TINY_CONFIG), "--workdir", str(REPO),
+                                      *flags, f"run.output_dir={tmp_path / 'run'}"])
+    return spec_from_args(args)
+
+
+def _render(tmp_path: Path, *flags: str) -> str:
+    return _spec(tmp_path, *flags).render()
+
+
+def _step_line(script: str) -> str:
+    return next(line for line in script.splitlines() if line.startswith("srun "))
+
+
+def test_default_is_srun_torchrun_with_requeue(tmp_path):
+    s = _render(tmp_path, "--nodes", "4", "--gpus-per-node", "8", "--cpus-per-task", "64", "--partition", "gpu",
+                "--account", "proj1", "--qos", "high", "--constraint", "a100&ib", "--time", "2-00:00:00",
+                "--setup", "module load cuda/12.4", "--sbatch-arg=--exclusive", "optim.lr=3e-4")
+    sb = [line[len("#SBATCH "):] for line in s.splitlines() if line.startswith("#SBATCH ")]
+    for opt in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=64", "--partition=gpu",
+                "--account=proj1", "--qos=high", "--constraint=a100&ib", "--time=2-00:00:00",
+                "--signal=B:USR1@300", "--requeue", "--open-mode=append", "--exclusive",
+                f"--output={tmp_path / 'run'}/slurm/%x-%j.out", "--job-name=tiny"):
+        assert opt in sb, opt
+    assert s.index("module load cuda/12.4") < s.index("srun ")
+    assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"' in s
+    argv = shlex.split(_step_line(s).rstrip(" &"))
+    assert argv[:4] == ["srun", "--ntasks-per-node=1", "--cpus-per-task=64", "--wait=120"]
+    assert argv[4:8] == [sys.executable, "-u", "-m", "torch.distributed.run"]
+    for a in ("--nnodes=$SLURM_NNODES", "--nproc_per_node=8", "--rdzv_backend=c10d",
+              "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv_id=$SLURM_JOB_ID"):
+        assert a in argv, a
+    i = argv.index("mmpretrain.train")
+    assert argv[i + 1:i + 3] == ["--config", str(TINY_CONFIG)]
+    assert argv[i + 3:] == ["optim.lr=3e-4", f"run.output_dir={tmp_path / 'run'}"]
+    assert "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in s  # torchrun passes USR1 on
+    assert "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}" in s  # 64 CPUs / 8 processes
+    assert "trap 'forward USR1' USR1" in s and "trap 'forward TERM' TERM" in s
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in s
+    assert f'[ -f {tmp_path / "run"}/PREEMPTED ]' in s and '[ "$rc" -eq 75 ]' in s
+    subprocess.run(["bash", "-n"], input=s, text=True, check=True)  # valid bash
+
+
+def test_srun_launcher_one_task_per_process(tmp_path):
+    s = _render(tmp_path, "--launcher", "srun", "--gpus-per-node", "0", "--procs-per-node", "2",
+                "--cpus-per-task", "1", "--signal-seconds", "60", "--time", "10")
+    assert "#SBATCH --ntasks-per-node=2" in s and "--gpus-per-node" not in s
+    assert "#SBATCH --signal=B:USR1@60" in s
+    argv = shlex.split(_step_line(s).rstrip(" &"))
+    assert argv[:4] == ["srun", "--ntasks-per-node=2", "--cpus-per-task=1", "--wait=120"]
+    assert argv[4:8] == [sys.executable, "-u", "-m", "mmpretrain.train"]
+    assert "torch.distributed.run" not in s and "PET_SIGNALS" not in s
+    subprocess.run(["bash", "-n"], input=s, text=True, check=True)
+
+
+def test_master_port_matches_discovery(tmp_path):
+    s = _render(tmp_path)
+    line = next(x for x in s.splitlines() if x.startswith("export MASTER_PORT="))
+    for job in ("7", "123456", "40000"):
+        out = subprocess.run(["bash", "-c", f"{line}; echo $MASTER_PORT"], env={"SLURM_JOB_ID": job},
+                             capture_output=True, text=True, check=True).stdout
+        assert int(out) == slurm_port(int(job))
+
+
+def test_overrides_with_quotes_survive(tmp_path):
+    tricky = "data.train=[{name: demo, urls: 'a b/{000..003}.tar'}]"
+    argv = shlex.split(_step_line(_render(tmp_path, tricky)).rstrip(" &"))
+    assert tricky in argv
+
+
+@pytest.mark.parametrize("value, seconds", [("90", 5400), ("1:30", 90), ("01:00:00", 3600), ("1-02", 93600),
+                                            ("1-02:30", 95400), ("1-00:00:10", 86410)])
+def test_parse_time(value, seconds):
+    assert parse_time(value) == seconds
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--time", "1h"], r"--time '1h' is not a SLURM time; use MM, MM:SS, HH:MM:SS"),
+        (["--time", "1:75"], r"--time '1:75': minutes and seconds must be below 60"),
+        (["--time", "0"], r"--time '0' must be longer than 0"),
+        (["--nodes", "0"], r"--nodes 0 must be >= 1"),
+        (["--gpus-per-node", "0"], r"--procs-per-node 0 must be >= 1 \(set it when --gpus-per-node is 0\)"),
+        (["--gpus-per-node", "4", "--procs-per-node", "8"], r"--procs-per-node 8 exceeds --gpus-per-node 4"),
+        (["--cpus-per-task", "0"], r"--cpus-per-task 0 must be >= 1"),
+        (["--time", "5", "--signal-seconds", "300"], r"--signal-seconds 300 must be shorter than --time 5 \(300 s\)"),
+        (["--partition", "gpu; rm -rf /"], r"--partition 'gpu; rm -rf /' may not hold spaces"),
+        (["--sbatch-arg", "exclusive"], r"--sbatch-arg 'exclusive' must be one sbatch option"),
+        (["--setup-file", "/nonexistent/setup.sh"], r"--setup-file '/nonexistent/setup.sh': No such file"),
+    ],
+)
+def test_bad_flags_are_refused_with_the_flag_named(tmp_path, flags, message):
+    with pytest.raises(SubmitError, match=message):
+        _spec(tmp_path, *flags)
+
+
+def test_run_dir_with_whitespace_is_refused():
+    args = build_parser().parse_args(["--config", str(TINY_CONFIG), "run.output_dir=/tmp/my run"])
+    with pytest.raises(SubmitError, match=r"run.output_dir '/tmp/my run' may not hold whitespace"):
+        spec_from_args(args)
+
+
+def test_cli_errors_exit_2_and_submit_nothing(tmp_path, capsys):
+    assert main(["--config", str(TINY_CONFIG), "--dry-run", "train.stepz=3"]) == 2
+    assert "train.stepz" in capsys.readouterr().err
+    assert main(["--config", str(TINY_CONFIG), "--dry-run", "--nodes", "-1"]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_message(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"--config '{tmp_path / 'missing.yaml'}': no such file" in err
+
+
+def test_dry_run_prints_the_script(tmp_path, capsys):
+    assert main(["--config", str(TINY_CONFIG), "--dry-run", f"run.output_dir={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("#!/bin/bash\n#SBATCH ") and "mmpretrain.train" in out
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_submit_records_the_job_id(tmp_path):
+    fake = tmp_path / "sbatch"
+    fake.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/sbatch_args"\necho "4242;cluster1"\n')
+    fake.chmod(0o755)
+    spec = _spec(tmp_path)
+    job = submit(spec, spec.render(), sbatch=str(fake))
+    assert job == "4242"
+    line = (tmp_path / "run" / "slurm_jobs.txt").read_text().splitlines()
+    assert len(line) == 1 and line[0].split("\t")[0] == "4242"
+    script = Path(line[0].split("\t")[2])
+    assert script.parent == tmp_path / "run" / "slurm" and "mmpretrain.train" in script.read_text()
+    assert (tmp_path / "sbatch_args").read_text().split() == ["--parsable", str(script)]
+    fake.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition' >&2\nexit 1\n")
+    with pytest.raises(SubmitError, match="sbatch failed \\(1\\): sbatch: error: invalid partition"):
+        submit(spec, spec.render(), sbatch=str(fake))
+    assert len((tmp_path / "run" / "slurm_jobs.txt").read_text().splitlines()) == 1
+
+
+def test_launch_scripts_are_valid_bash():
+    for script in sorted((REPO / "launch").rglob("*.sh")) + sorted((REPO / "launch").rglob("*.sbatch")):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        assert os.access(script, os.X_OK) or script.suffix == ".sbatch", script
+
+
+@pytest.mark.parametrize("template", ["torchrun.sbatch", "srun.sbatch"])
+def test_sbatch_templates_carry_the_requeue_loop(template):
+    s = (REPO / "launch" / "slurm" / template).read_text()
+    for piece in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                  "trap 'forward USR1' USR1", "trap 'forward TERM' TERM", '[ "$rc" -eq 75 ]',
+                  '[ -f "$RUN_DIR/PREEMPTED" ]', 'scontrol requeue "$SLURM_JOB_ID"',
+                  "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))", "-m mmpretrain.train"):
+        assert piece in s, piece

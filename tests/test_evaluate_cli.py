@@ -1,0 +1,140 @@
+"""`python -m mmpretrain.evaluate` end to end on tiny demo shards and an exported tiny model:
+JSON on stdout, every task present, figures equal to a direct computation, and two ranks
+giving the same result as one."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from trainkit import make_tiny_data  # noqa: E402
+
+OV = [
+    "data.image_size=32", "data.audio.clip_seconds=0.25", "data.text_max_len=48", "data.num_workers=0",
+    "model.embed_dim=16", "model.vision.width=16", "model.vision.depth=1", "model.vision.heads=2",
+    "model.vision.patch_size=8", "model.audio.width=16", "model.audio.depth=1", "model.audio.heads=2",
+    "model.audio.n_mels=16", "model.audio.patch_size=4", "model.text.width=16", "model.text.depth=1",
+    "model.text.heads=2", "model.text.decoder_depth=1", "model.text.decoder_queries=4",
+    "eval.caption_samples=6", "eval.generation.max_new_tokens=8", "eval.templates=['{}','a photo of {}']",
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from mmpretrain.config import load_config, to_dict
+    from mmpretrain.data.tokenizer import ByteTokenizer
+    from mmpretrain.models import build_model
+
+    root = tmp_path_factory.mktemp("evalcli")
+    data = make_tiny_data(root / "data")
+    cfg = load_config(None, OV)
+    torch.manual_seed(0)
+    model = build_model(cfg, 259).eval()
+    export = root / "export"
+    export.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(export / "model.safetensors"))
+    (export / "config.json").write_text(json.dumps(to_dict(cfg)))
+    ByteTokenizer().save(str(export))
+    return {"data": str(data / "eval" / "eval-000000.tar"), "export": str(export), "root": root}
+
+
+def _env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    e.pop("TRITON_INTERPRET", None)
+    return e
+
+
+def test_cli_prints_json_with_every_task(setup):
+    out = subprocess.run([sys.executable, "-m", "mmpretrain.evaluate", "--checkpoint", setup["export"], "--data",
+                          setup["data"], "--caption-attributes", "demo", "--batch-size", "16"],
+                         capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)  # stdout is pure JSON
+    assert res["num_samples"] == 64
+    for d in ("image_to_text", "text_to_image", "audio_to_text", "text_to_audio", "image_to_audio", "audio_to_image"):
+        r = res["retrieval"]
+        assert 0 <= r[f"{d}/R@1"] <= r[f"{d}/R@5"] <= r[f"{d}/R@10"] <= 1 and r[f"{d}/median_rank"] >= 1
+        assert res["retrieval_instance"][f"{d}/num_queries"] == 64
+    for m in ("image", "audio"):
+        z = res["zeroshot"][m]
+        assert len(z["confusion_matrix"]) == 16 and sum(map(sum, z["confusion_matrix"])) == 64
+        assert abs(z["accuracy"] - sum(z["confusion_matrix"][i][i] for i in range(16)) / 64) < 1e-12
+        c = res["captioning"][m]
+        assert c["num_samples"] == 6 and {"BLEU", "exact_match", "attribute_accuracy"} <= set(c)
+    assert res["zeroshot"]["templates"] == ["{}", "a photo of {}"]
+    assert set(res["linear_probe"]) >= {"image", "audio", "image+audio/concat", "image+audio/attention", "split"}
+    # references are the json per-modality captions of the same samples
+    ex = res["captioning"]["audio"]["examples"][0]
+    assert " pitch" in ex["reference"] and ex["key"].startswith("eval_")
+    bad = subprocess.run([sys.executable, "-m", "mmpretrain.evaluate", "--checkpoint", str(setup["root"] / "nope"),
+                          "--data", setup["data"]], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_figures_equal_direct_computation(setup):
+    from mmpretrain.data.pipeline import build_eval_loader
+    from mmpretrain.eval.retrieval import retrieval_metrics
+    from mmpretrain.evaluate import evaluate_model, load_for_eval
+
+    model, cfg, tok = load_for_eval(setup["export"])
+    res = evaluate_model(model, cfg, tok, setup["data"], tasks=("retrieval",), batch_size=7)
+    img, txt, lab = [], [], []
+    with torch.no_grad():
+        for b in build_eval_loader(setup["data"], cfg, tok, batch_size=64):
+            img.append(model.encode_image(b["image"]))
+            txt.append(model.encode_text(b["text"], b["text_len"]))
+            lab.append(b["label"])
+    img, txt, lab = torch.cat(img), torch.cat(txt), torch.cat(lab)
+    direct = retrieval_metrics(img, txt, lab, lab)
+    for k in ("R@1", "R@5", "R@10", "median_rank"):
+        assert res["retrieval"][f"image_to_text/{k}"] == pytest.approx(direct[k], abs=1e-9)
+    inst = retrieval_metrics(txt, img)
+    assert res["retrieval_instance"]["text_to_image/R@5"] == pytest.approx(inst["R@5"], abs=1e-9)
+
+
+def _worker(rank, port, export, data, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    from mmpretrain.evaluate import evaluate_model, load_for_eval
+
+    model, cfg, tok = load_for_eval(export)
+    res = evaluate_model(model, cfg, tok, data, tasks=("retrieval", "zeroshot", "linear_probe", "captioning"))
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_equal_one(setup):
+    from mmpretrain.evaluate import evaluate_model, load_for_eval
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = setup["root"] / "two.json"
+    mp.spawn(_worker, args=(port, setup["export"], setup["data"], str(out)), nprocs=2, join=True)
+    two = json.loads(out.read_text())
+    model, cfg, tok = load_for_eval(setup["export"])
+    one = evaluate_model(model, cfg, tok, setup["data"], tasks=("retrieval", "zeroshot", "linear_probe", "captioning"))
+    one = json.loads(json.dumps(one))
+    assert two["num_samples"] == one["num_samples"] == 64
+    for k, v in one["retrieval"].items():
+        assert two["retrieval"][k] == pytest.approx(v, abs=1e-6), k
+    for m in ("image", "audio"):
+        assert two["zeroshot"][m]["confusion_matrix"] == one["zeroshot"][m]["confusion_matrix"]
+        assert two["linear_probe"][m]["accuracy"] == pytest.approx(one["linear_probe"][m]["accuracy"])
+        # 6 captions per modality in all (3 per rank), gathered from both ranks' samples
+        assert two["captioning"][m]["num_samples"] == 6
+    keys = [e["key"] for e in two["captioning"]["image"]["examples"]]
+    assert len(set(keys)) == 6

@@ -1,0 +1,139 @@
+"""Helpers for tests that run real training processes: tiny data, tiny config, launchers,
+metrics and the final weights of a run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def make_tiny_data(out: Path) -> Path:
+    """256 train samples in 4 shards + 64 eval, 32 px images, 0.25 s audio (~3 s)."""
+    if not (out / "eval" / "eval-000000.tar").exists():
+        subprocess.run([sys.executable, str(REPO / "tools/make_demo_data.py"), "--out", str(out), "--train", "256",
+                        "--eval", "64", "--shard-size", "64", "--image-size", "32", "--clip-seconds", "0.25"],
+                       check=True, capture_output=True)
+    return out
+
+
+def tiny_overrides(out_dir: Path, data: Path, *extra: str, eval_: bool = False) -> List[str]:
+    """A model that trains a step in well under a second on one CPU core."""
+    return [
+        f"run.output_dir={out_dir}",
+        f"data.train=[{{name: tiny, urls: '{data}/train/train-{{000000..000003}}.tar'}}]",
+        f"data.eval_urls={data}/eval/eval-000000.tar" if eval_ else "data.eval_urls=null",
+        "data.num_workers=1", "data.image_size=32", "data.audio.clip_seconds=0.25", "data.text_max_len=32",
+        "data.shuffle_buffer=32",
+        "model.embed_dim=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
+        "model.vision.patch_size=8", "model.audio.width=32", "model.audio.depth=1", "model.audio.heads=2",
+        "model.audio.n_mels=16", "model.audio.patch_size=8", "model.text.width=32", "model.text.depth=1",
+        "model.text.heads=2",
+        "optim.lr=3e-3", "optim.warmup_steps=2", "train.micro_batch_size=8", "train.log_every=1",
+        "log.progress=false",
+        *extra,
+    ]
+
+
+def env(**extra: str) -> Dict[str, str]:
+    e = dict(os.environ)
+    e.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
+              "PATH": f"{VENV_BIN}:{e.get('PATH', '')}", "PYTHONUNBUFFERED": "1"})
+    e.pop("TRITON_INTERPRET", None)  # attention on SDPA: speed, and the launchers' children agree
+    e.update(extra)
+    return e
+
+
+def launch_cmd(launcher: str, nproc: int, overrides: Sequence[str], port: int) -> List[str]:
+    cfg = ["--config", str(REPO / "configs/demo.yaml"), *overrides]
+    if launcher == "torchrun":
+        return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port),
+                "-m", "mmpretrain.train", *cfg]
+    if launcher == "deepspeed":
+        return [str(VENV_BIN / "deepspeed"), "--num_accelerators", str(nproc), "--master_port", str(port),
+                "--module", "mmpretrain.train", *cfg]
+    if launcher == "single":
+        return [sys.executable, "-m", "mmpretrain.train", *cfg]
+    raise ValueError(launcher)
+
+
+_PORT = [29600 + (os.getpid() % 200) * 5]
+
+
+def free_port() -> int:
+    _PORT[0] += 1
+    return _PORT[0]
+
+
+def start(launcher: str, nproc: int, overrides: Sequence[str], log: Path, **env_extra: str) -> subprocess.Popen:
+    f = open(log, "ab")
+    return subprocess.Popen(launch_cmd(launcher, nproc, overrides, free_port()), cwd=REPO, env=env(**env_extra),
+                            stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run(launcher: str, nproc: int, overrides: Sequence[str], log: Path, timeout: float = 300, **env_extra: str) -> int:
+    p = start(launcher, nproc, overrides, log, **env_extra)
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise AssertionError(f"training timed out; log:\n{log.read_text()[-4000:]}")
+
+
+def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+    p.wait(60)
+
+
+def train_rows(out_dir: Path) -> List[dict]:
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    return [r for r in rows if r.get("kind") == "train"]
+
+
+def wait_for_step(p: subprocess.Popen, out_dir: Path, step: int, timeout: float = 240) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        rows = train_rows(out_dir)
+        if rows and rows[-1]["step"] >= step:
+            return
+        if p.poll() is not None:
+            raise AssertionError(f"training ended (exit {p.returncode}) before step {step}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def losses_by_step(out_dir: Path) -> Dict[int, float]:
+    """Last logged loss per step (a resumed run re-logs steps after its checkpoint)."""
+    return {r["step"]: r["loss"] for r in train_rows(out_dir)}
+
+
+def final_weights(out_dir: Path) -> Dict[str, torch.Tensor]:
+    from mmpretrain.checkpoint import complete_checkpoints, consolidated_state_dict
+
+    return consolidated_state_dict(complete_checkpoints(out_dir / "checkpoints")[-1])
+
+
+def assert_same_weights(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    diff = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    assert not diff, f"parameters differ: {dict(list(diff.items())[:5])}"
