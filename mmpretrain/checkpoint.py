@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -92,6 +93,7 @@ def find_resume(root: Path, spec: str) -> Optional[Path]:
 
 def save(engine, root: Path, step: int, trainer_state: Dict[str, Any], rank_state: Dict[str, Any], config_yaml: str, keep_last: int) -> Path:
     """Collective: every rank must call it. Returns the checkpoint directory."""
+    t0 = time.perf_counter()
     tag = tag_for(step)
     ckpt = root / tag
     rank = D.rank()
@@ -111,8 +113,14 @@ def save(engine, root: Path, step: int, trainer_state: Dict[str, Any], rank_stat
         atomic_write(root / "latest", tag + "\n")
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        for d in root.glob("step_*"):  # partial saves of earlier steps (killed mid-save)
+            m = _TAG.match(d.name)
+            if m and int(m.group(1)) < step and not (d / "COMPLETE").exists():
+                shutil.rmtree(d, ignore_errors=True)
     D.barrier()
-    log.info("saved checkpoint %s", ckpt)
+    if rank == 0:
+        size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+        log.info("saved checkpoint %s (%.1f MiB, %.2f s)", ckpt, size / 2**20, time.perf_counter() - t0)
     return ckpt
 
 
@@ -221,6 +229,13 @@ def _agree_safe(src: Path, mode: str) -> None:
 
 def load(engine, plan: "ResumePlan | Path", load_optimizer: bool = True) -> Dict[str, Any]:
     """Collective. Restores engine state and this rank's RNG; returns trainer and rank state."""
+    t0 = time.perf_counter()
+    out = _load(engine, plan, load_optimizer)
+    log.info("checkpoint loaded in %.2f s", time.perf_counter() - t0)
+    return out
+
+
+def _load(engine, plan: "ResumePlan | Path", load_optimizer: bool) -> Dict[str, Any]:
     if not isinstance(plan, ResumePlan):
         plan = ResumePlan(Path(plan), "exact", read_trainer_state(plan))
     ckpt = plan.ckpt
