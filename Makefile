@@ -42,7 +42,7 @@ bench: install
 	$(PY) bench/data_throughput.py
 
 lint: install
-	$(PY) -m pyflakes mmpretrain tools tests bench 2>/dev/null || true
+	$(PY) -m pyflakes mmpretrain tools tests bench
 
 clean:
 	rm -rf $(VENV) runs data/demo .pytest_cache

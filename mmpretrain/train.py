@@ -252,9 +252,10 @@ class Trainer:
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 self.evaluate()
             minutes = cfg.train.save_every_minutes
-            due = (cfg.train.save_every and self.step % cfg.train.save_every == 0) or (
-                minutes > 0 and time.time() - last_save >= minutes * 60
-            )
+            due = bool(cfg.train.save_every and self.step % cfg.train.save_every == 0)
+            if minutes > 0:  # clocks differ across ranks: any rank's deadline counts for all (save is collective)
+                late = time.time() - last_save >= minutes * 60
+                due = due or D.all_reduce_sum(torch.tensor([float(late)])).item() > 0
             if due and self.step < cfg.train.steps:
                 self.save()
                 last_save = time.time()

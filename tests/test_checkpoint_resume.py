@@ -133,3 +133,11 @@ def test_zero_stage_change_is_a_weights_only_restart(tiny_data, refroot, tmp_pat
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-8, rtol=0)
+
+
+def test_time_based_saves_are_agreed_across_ranks(tiny_data, tmp_path):
+    """save_every_minutes: each rank's clock differs; the ranks must still save together."""
+    out, log = tmp_path / "timed", tmp_path / "timed.log"
+    over = tk.tiny_overrides(out, tiny_data, "train.steps=4", "train.save_every_minutes=0.0005", "train.keep_last=10")
+    assert tk.run("torchrun", 2, over, log, timeout=240) == 0, log.read_text()[-3000:]
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == [f"step_{s:08d}" for s in (1, 2, 3, 4)]

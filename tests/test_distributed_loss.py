@@ -1,6 +1,5 @@
 """Two real gloo processes: the distributed loss (global negatives, gathered with gradient)
 and the DeepSpeed-style averaged parameter gradients equal one process on the whole batch."""
-import os
 
 import pytest
 import torch

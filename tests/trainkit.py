@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -97,7 +97,8 @@ def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     p.wait(60)
 
 
-def train_rows(out_dir: Path) -> List[dict]:
+def metrics_rows(out_dir: Path) -> List[dict]:
+    """Every record of a run's metrics.jsonl so far (a line being written or cut by a kill is left out)."""
     path = out_dir / "metrics.jsonl"
     if not path.exists():
         return []
@@ -106,8 +107,12 @@ def train_rows(out_dir: Path) -> List[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    return [r for r in rows if r.get("kind") == "train"]
+            continue
+    return rows
+
+
+def train_rows(out_dir: Path) -> List[dict]:
+    return [r for r in metrics_rows(out_dir) if r.get("kind") == "train"]
 
 
 def wait_for_step(p: subprocess.Popen, out_dir: Path, step: int, timeout: float = 240) -> None:

@@ -2,6 +2,7 @@
 Each function raises DecodeError(reason) for input it cannot use."""
 from __future__ import annotations
 
+import importlib
 import io
 import math
 import warnings
@@ -100,7 +101,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def warm_imports() -> None:
     """Import scipy.signal (~2 s) once in the main process so forked workers inherit it."""
     try:
-        import scipy.signal  # noqa: F401
+        importlib.import_module("scipy.signal")
     except ImportError:  # pragma: no cover
         pass
 

@@ -2,7 +2,6 @@
 into a transformer; returns the pooled vector and the patch tokens."""
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch

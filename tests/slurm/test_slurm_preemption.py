@@ -14,6 +14,7 @@ from typing import Dict, List
 
 import pytest
 
+import trainkit as tk
 from tests.launch.launchkit import REPO, TINY_CONFIG, make_tiny_data, tiny_overrides
 
 STEPS = 240
@@ -23,19 +24,6 @@ JOB_TIMEOUT_S = 300
 
 def _run(cmd: List[str], env: Dict[str, str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, **kw)
-
-
-def _train_rows(run_dir: Path) -> List[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line being written
-            pass
-    return rows
 
 
 def _job_fields(job_id: str, env: Dict[str, str]) -> Dict[str, str]:
@@ -77,7 +65,7 @@ def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path, launcher):
 
     try:
         def logged_steps() -> bool:
-            return sum(r.get("kind") == "train" for r in _train_rows(run_dir)) >= SIGNAL_AFTER_STEP
+            return sum(r.get("kind") == "train" for r in tk.metrics_rows(run_dir)) >= SIGNAL_AFTER_STEP
 
         _wait(logged_steps, 180, f"{SIGNAL_AFTER_STEP} logged steps", diag)
         sig = _run(["scancel", "--signal=USR1", "--batch", job_id], env)
@@ -95,7 +83,7 @@ def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path, launcher):
     assert "SLURM_RESTART_COUNT=0" in log and "SLURM_RESTART_COUNT=1" in log, log[-4000:]
     assert "caught SIGUSR1" in log and f"requeueing job {job_id}" in log, log[-4000:]
 
-    rows = _train_rows(run_dir)
+    rows = tk.metrics_rows(run_dir)
     preempted = [r for r in rows if r.get("kind") == "preempted"]
     assert len(preempted) == 1, diag()
     step = preempted[0]["step"]
