@@ -79,7 +79,9 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def find_resume(root: Path, spec: str) -> Optional[Path]:
-    """`auto` -> newest complete checkpoint under root (or None); `never` -> None; else a path."""
+    """`auto` -> newest complete checkpoint under root (or None); `never` -> None; a path -> that
+    checkpoint, unless root already holds newer ones that started from it (trainer state `origin`):
+    a requeued job re-runs the same command and must continue, not start over."""
     if spec == "never":
         return None
     if spec == "auto":
@@ -88,7 +90,16 @@ def find_resume(root: Path, spec: str) -> Optional[Path]:
     path = Path(spec)
     if not (path / "COMPLETE").exists():
         raise FileNotFoundError(f"train.resume='{spec}': no COMPLETE marker in that directory (incomplete or not a checkpoint)")
+    descendants = [c for c in complete_checkpoints(root) if read_trainer_state(c).get("origin") == origin_of(path)]
+    if descendants and descendants[-1].resolve() != path.resolve():
+        log.info("train.resume=%s: this run already continued from it; resuming from %s", spec, descendants[-1])
+        return descendants[-1]
     return path
+
+
+def origin_of(ckpt: Path) -> str:
+    """How a run records the explicit checkpoint it started from."""
+    return str(Path(ckpt).resolve())
 
 
 def save(engine, root: Path, step: int, trainer_state: Dict[str, Any], rank_state: Dict[str, Any], config_yaml: str, keep_last: int) -> Path:
@@ -113,6 +124,7 @@ def save(engine, root: Path, step: int, trainer_state: Dict[str, Any], rank_stat
         atomic_write(root / "latest", tag + "\n")
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(universal_dir(old), ignore_errors=True)
         for d in root.glob("step_*"):  # partial saves of earlier steps (killed mid-save)
             m = _TAG.match(d.name)
             if m and int(m.group(1)) < step and not (d / "COMPLETE").exists():
@@ -132,7 +144,6 @@ class ResumePlan:
     ckpt: Path
     mode: str
     trainer_state: Dict[str, Any]
-    load_dir: Optional[Path] = None  # the universal conversion, for mode 'universal'
 
 
 def read_trainer_state(ckpt: Path) -> Dict[str, Any]:
@@ -144,8 +155,8 @@ def plan_resume(ckpt: Path, world_size: int, zero_stage: int) -> ResumePlan:
     saved_world, saved_stage = state.get("world_size"), state.get("zero_stage")
     if saved_stage != zero_stage:
         log.warning("checkpoint %s was written with ZeRO stage %s, this run uses %s: restarting from its "
-                    "weights only (optimizer state, schedule position and data order start fresh)",
-                    ckpt, saved_stage, zero_stage)
+                    "weights only (optimizer moments start from zero and the data stream restarts; the step "
+                    "count and the LR schedule position carry on)", ckpt, saved_stage, zero_stage)
         return ResumePlan(Path(ckpt), "weights_only", state)
     if saved_world != world_size:
         log.warning("checkpoint %s was written by %s processes, this run has %s: loading it through a "
@@ -165,22 +176,32 @@ def ensure_universal(ckpt: Path) -> Path:
     sits beside it as `<tag>_universal` with its own COMPLETE marker). Equivalent command:
     python -m deepspeed.checkpoint.ds_to_universal --input_folder CKPT --output_folder CKPT_universal"""
     out = universal_dir(Path(ckpt))
+    err: Optional[Exception] = None
     if D.rank() == 0 and not (out / "COMPLETE").exists():
-        verify_safe(ckpt)  # the converter unpickles the files without weights_only
-        if out.exists():
-            shutil.rmtree(out)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-               "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
-               "--no_strict"]
-        log.info("converting to a universal checkpoint: %s", " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed on {ckpt} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        for name in ("trainer_state.json", "config.yaml"):
-            shutil.copy2(ckpt / name, out / name)
-        atomic_write(out / "COMPLETE", (ckpt / "COMPLETE").read_text())
-    D.barrier()
+        try:
+            _convert_universal(Path(ckpt), out)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            err = e
+    if D.any_rank(err is not None):  # the other ranks must not wait for a conversion that failed
+        raise err if err is not None else RuntimeError(f"rank 0 could not convert {ckpt}; see its log")
     return out
+
+
+def _convert_universal(ckpt: Path, out: Path) -> None:
+    verify_safe(ckpt)  # the converter unpickles the files without weights_only
+    if out.exists():
+        shutil.rmtree(out)
+    workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+           "--output_folder", str(out), "--num_extract_workers", workers, "--num_merge_workers", workers,
+           "--no_strict"]
+    log.info("converting to a universal checkpoint: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed on {ckpt} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    for name in ("trainer_state.json", "config.yaml"):
+        shutil.copy2(ckpt / name, out / name)
+    atomic_write(out / "COMPLETE", (ckpt / "COMPLETE").read_text())
 
 
 def consolidated_state_dict(ckpt: Path) -> Dict[str, torch.Tensor]:
@@ -197,11 +218,30 @@ def consolidated_state_dict(ckpt: Path) -> Dict[str, torch.Tensor]:
     return {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
 
 
-def load_consolidated_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt), strict=False)
+def load_state_checked(model: torch.nn.Module, sd: Dict[str, torch.Tensor], where: "str | Path") -> None:
+    """load_state_dict that names the file and the first mismatching keys when they do not fit."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"{ckpt}: weights do not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise RuntimeError(f"{where}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def load_consolidated_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    load_state_checked(model, consolidated_state_dict(ckpt), ckpt)
     log.info("loaded weights only from %s", ckpt)
+
+
+def resolve_checkpoint(path: "str | Path") -> Path:
+    """A complete `step_*` directory from a run dir, a checkpoints dir or the step dir itself."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint '{p}' does not exist")
+    if (p / "COMPLETE").is_file():
+        return p
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    found = find_resume(root, "auto")
+    if found is None:
+        raise FileNotFoundError(f"'{p}' holds no complete checkpoint (no step_*/COMPLETE under {root})")
+    return Path(found)
 
 
 def _rank_files(ckpt: Path, rank: int) -> List[Path]:
@@ -219,15 +259,15 @@ def _agree_safe(src: Path, mode: str) -> None:
             verify_safe(src)
         else:
             verify_files(_rank_files(src, D.rank()))
-    except (UnsafeCheckpointError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - a missing or unreadable file too: every rank stops together
         err = e
-    if D.all_reduce_sum(torch.tensor([float(err is not None)])).item() > 0:
+    if D.any_rank(err is not None):
         if err is not None:
             raise err
         raise UnsafeCheckpointError(f"another rank refused a file of {src}; see its log")
 
 
-def load(engine, plan: "ResumePlan | Path", load_optimizer: bool = True) -> Dict[str, Any]:
+def load(engine, plan: ResumePlan, load_optimizer: bool = True) -> Dict[str, Any]:
     """Collective. Restores engine state and this rank's RNG; returns trainer and rank state."""
     t0 = time.perf_counter()
     out = _load(engine, plan, load_optimizer)
@@ -235,13 +275,11 @@ def load(engine, plan: "ResumePlan | Path", load_optimizer: bool = True) -> Dict
     return out
 
 
-def _load(engine, plan: "ResumePlan | Path", load_optimizer: bool) -> Dict[str, Any]:
-    if not isinstance(plan, ResumePlan):
-        plan = ResumePlan(Path(plan), "exact", read_trainer_state(plan))
+def _load(engine, plan: ResumePlan, load_optimizer: bool) -> Dict[str, Any]:
     ckpt = plan.ckpt
     if plan.mode == "weights_only":  # weights went into the module before the engine was built
-        return {"trainer": {**plan.trainer_state, "step": 0, "samples_seen": 0}, "rank": {}}
-    src = plan.load_dir if plan.mode == "universal" else ckpt
+        return {"trainer": plan.trainer_state, "rank": {}}
+    src = universal_dir(ckpt) if plan.mode == "universal" else ckpt  # converted by ensure_universal
     _agree_safe(src, plan.mode)
     use_safe_engine(engine)
     engine.load_checkpoint(

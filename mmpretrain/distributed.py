@@ -248,19 +248,35 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(x)
 
 
+def comm_device() -> torch.device:
+    """Where collective tensors must live: NCCL takes CUDA tensors only, gloo CPU ones."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """(n, ...) on each rank -> (world*n, ...) in rank order, on x's device."""
     if world_size() == 1:
         return x
-    parts: List[torch.Tensor] = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, 0)
+    y = x.to(comm_device()).contiguous()
+    parts: List[torch.Tensor] = [torch.empty_like(y) for _ in range(world_size())]
+    dist.all_gather(parts, y)
+    return torch.cat(parts, 0).to(x.device)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, on x's device (x itself is left unchanged)."""
     if world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
+        y = x.to(comm_device(), copy=True)
+        dist.all_reduce(y)
+        x = y.to(x.device)
     return x
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when any rank passes True (a collective: every rank must call it)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
 
 
 def barrier() -> None:

@@ -169,24 +169,12 @@ def _load_for_eval(path: str, device: Optional[torch.device]) -> Tuple[torch.nn.
         return loaded.model, loaded.cfg, loaded.tokenizer
     from mmpretrain import checkpoint as ckpt_lib
 
-    ckpt = p
-    if not (p / "config.yaml").is_file() or (p / "checkpoints").is_dir():
-        root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        found = ckpt_lib.find_resume(root, "auto")
-        if found is None:
-            raise FileNotFoundError(f"'{path}' is neither an export, a checkpoint nor a run directory with one")
-        ckpt = Path(found)
+    ckpt = ckpt_lib.resolve_checkpoint(p)
     cfg = load_config(str(ckpt / "config.yaml"))
     tok = build_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg, tok.vocab_size)
-    _load_state(model, ckpt_lib.consolidated_state_dict(ckpt), ckpt)
+    ckpt_lib.load_state_checked(model, ckpt_lib.consolidated_state_dict(ckpt), ckpt)
     return model.to(device or "cpu").eval(), cfg, tok
-
-
-def _load_state(model: torch.nn.Module, sd: Dict[str, torch.Tensor], where: Path) -> None:
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{where}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -28,20 +28,6 @@ EXPORT_FORMAT = "mmpretrain-export/1"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_checkpoint(path: "str | Path") -> Path:
-    """A complete `step_*` directory from a run dir, a checkpoints dir or the step dir itself."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint '{p}' does not exist")
-    if (p / "COMPLETE").is_file():
-        return p
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    found = ckpt_lib.find_resume(root, "auto")
-    if found is None:
-        raise FileNotFoundError(f"'{p}' holds no complete checkpoint (no step_*/COMPLETE under {root})")
-    return Path(found)
-
-
 def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32") -> Path:
     """Write the export; returns `out`. Written to a temporary sibling and renamed, so a crash
     never leaves a half-written export under `out`."""
@@ -52,17 +38,13 @@ def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32") -> 
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype '{dtype}' is not one of {sorted(_DTYPES)}")
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = ckpt_lib.resolve_checkpoint(checkpoint)
     cfg = load_config(str(ckpt / "config.yaml"))
     tok = build_tokenizer(cfg.data.tokenizer)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's converter prints progress
         sd = ckpt_lib.consolidated_state_dict(ckpt)
     # check against a freshly built model, so an export always loads
-    model = build_model(cfg, tok.vocab_size)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{ckpt}: weights do not fit the configured model (missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]})")
+    ckpt_lib.load_state_checked(build_model(cfg, tok.vocab_size), sd, ckpt)
     tensors = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in sd.items()}
     trainer = ckpt_lib.read_trainer_state(ckpt)
     meta: Dict[str, Any] = {
@@ -107,12 +89,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     try:
-        out = export(args.checkpoint, args.out, args.dtype)
+        src = ckpt_lib.resolve_checkpoint(args.checkpoint)
+        out = export(src, args.out, args.dtype)
     except (FileNotFoundError, RuntimeError, ValueError, UnsafeCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"exported {resolve_checkpoint(args.checkpoint)} -> {out} ({size / 2**20:.1f} MiB, "
+    print(f"exported {src} -> {out} ({size / 2**20:.1f} MiB, "
           f"{time.perf_counter() - t0:.1f} s)")
     return 0
 

@@ -135,6 +135,7 @@ def load(directory: "str | Path", device: "str | torch.device | None" = None) ->
     """Rebuild the exported model (eval mode) with its config and tokenizer."""
     from safetensors.torch import load_file
 
+    from mmpretrain.checkpoint import load_state_checked
     from mmpretrain.data.tokenizer import build_tokenizer
     from mmpretrain.models import build_model
 
@@ -148,9 +149,6 @@ def load(directory: "str | Path", device: "str | torch.device | None" = None) ->
     tok = build_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.data.tokenizer)
     model = build_model(cfg, tok.vocab_size)
     sd = load_file(str(d / "model.safetensors"))
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{d / 'model.safetensors'} does not fit config.json's model "
-                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    load_state_checked(model, {k: v.float() for k, v in sd.items()}, d / "model.safetensors")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return InferenceModel(model.to(dev).eval(), cfg, tok, dev)

@@ -9,7 +9,6 @@ import signal
 import time
 from typing import Optional
 
-import torch
 
 from mmpretrain import distributed as D
 
@@ -59,5 +58,4 @@ class PreemptionWatcher:
 
     def agreed(self) -> bool:
         """Collective: True on every rank when any rank was signalled."""
-        mine = torch.tensor([1.0 if self.local_reason() else 0.0])
-        return bool(D.all_reduce_sum(mine).item() > 0)
+        return D.any_rank(bool(self.local_reason()))

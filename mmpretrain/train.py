@@ -9,6 +9,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -74,7 +75,7 @@ class Trainer:
         if plan is not None and plan.mode == "weights_only":
             ckpt_lib.load_consolidated_weights(model, resume)  # before ZeRO partitions the module
         if plan is not None and plan.mode == "universal":
-            plan.load_dir = ckpt_lib.ensure_universal(resume)
+            ckpt_lib.ensure_universal(resume)
         self.engine, self.optimizer, self.scheduler = build_engine(
             cfg, model, info.world_size, load_universal=plan is not None and plan.mode == "universal")
         self.dtype = _DTYPES[cfg.train.precision]
@@ -82,6 +83,10 @@ class Trainer:
         # the data seed moves on after a non-exact resume (see _data_cfg); the loader is built before
         # the checkpoint restores the RNG, as in an uninterrupted run
         self.data_seed = plan.trainer_state.get("data_seed", cfg.run.seed) if plan is not None else cfg.run.seed
+        # the explicit checkpoint this run started from (train.resume=PATH), kept by later saves
+        explicit = plan is not None and cfg.train.resume not in ("auto", "never") and \
+            plan.ckpt.resolve() == Path(cfg.train.resume).resolve()
+        self.origin = ckpt_lib.origin_of(plan.ckpt) if explicit else (plan.trainer_state.get("origin") if plan else None)
         if plan is not None and plan.mode != "exact":
             log.warning("resume mode '%s': the data stream restarts (seed + step); exact data order "
                         "is kept only for the same world size", plan.mode)
@@ -98,6 +103,14 @@ class Trainer:
             self.nonfinite_total = t.get("nonfinite_total", 0)
             if plan.mode == "exact":
                 self.loader.load_state_dict(state["rank"]["data"])
+            if plan.mode == "weights_only":  # the schedule was not restored: move it to this step
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+                    self.scheduler.last_epoch = self.step - 1
+                    self.scheduler.step()
+        own = plan is not None and plan.mode == "exact" and plan.ckpt.parent.resolve() == self.ckpt_root.resolve()
+        self.last_saved_step = self.step if own else -1
+        self._closed = False
         self.metrics = MetricsLogger(cfg, info.rank, cfg.train.steps, start_step=self.step)
         self.watcher = PreemptionWatcher(cfg.train.preempt_margin_minutes * 60).install()
         self._nan_image_steps = ckpt_lib.fault_steps("NAN_IMAGE_STEPS")
@@ -117,8 +130,9 @@ class Trainer:
 
     def _grads_finite_stage0(self) -> bool:
         """ZeRO 1-3 skip non-finite gradients themselves; stage 0 hands them to torch."""
-        bad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.engine.module.parameters())
-        return not bool(D.all_reduce_sum(torch.tensor([float(bad)])).item())
+        finite = [torch.isfinite(p.grad).all() for p in self.engine.module.parameters() if p.grad is not None]
+        bad = bool(finite) and not bool(torch.stack(finite).all())  # one host sync, not one per parameter
+        return not D.any_rank(bad)
 
     def _data_cfg(self) -> Config:
         """The config the loader sees: run.seed is the data seed (moved on by a non-exact resume)."""
@@ -147,23 +161,25 @@ class Trainer:
             data_wait += time.perf_counter() - td
             loss, metrics = self.engine(batch) if cache is None else self.engine(batch, feature_cache=cache,
                                                                                   micro_index=micro)
-            # every rank must learn of a bad loss anywhere, so they skip the same step
-            terms = {k: float(v) for k, v in metrics.items() if k.startswith("loss")}
-            local_bad = [k for k, v in terms.items() if not math.isfinite(v)]
-            if D.all_reduce_sum(torch.tensor([float(bool(local_bad))])).item() > 0:
-                bad_terms.extend(local_bad or ["(another rank)"])
+            # loss metrics are already summed over ranks (losses.py), so every rank sees the same
+            # non-finite terms and skips the same step without another collective
+            values = {k: float(v) for k, v in metrics.items()}
+            bad_terms.extend(k for k, v in values.items() if k.startswith("loss") and not math.isfinite(v))
             self.engine.backward(loss)
             if micro == self.cfg.train.grad_accum - 1 and self.cfg.train.zero_stage == 0:
                 grads_ok = self._grads_finite_stage0()
                 if not grads_ok or bad_terms:
                     self.engine.client_optimizer.skip_next = True  # engine.SkippableAdamW
             self.engine.step()
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / self.cfg.train.grad_accum
+            # an fp16/bf16 wrapper that skipped on its own never called the inner step: do not carry the flag over
+            self.engine.client_optimizer.skip_next = False
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v / self.cfg.train.grad_accum
             n = int(batch["image_mask"].numel())
             self.samples_seen += n * self.info.world_size
-            for m in self.modality_counts:
-                self.modality_counts[m] += int(D.all_reduce_sum(batch[f"{m}_mask"].sum()).item())
+            present = D.all_reduce_sum(torch.stack([batch[f"{m}_mask"].sum() for m in self.modality_counts]))
+            for m, c in zip(self.modality_counts, present.tolist()):
+                self.modality_counts[m] += int(c)
         self.step += 1
         nonfinite = bool(bad_terms) or not grads_ok or self.engine.skipped_steps > skipped_before
         self._count_nonfinite(nonfinite, bad_terms)
@@ -208,11 +224,13 @@ class Trainer:
             "zero_stage": self.cfg.train.zero_stage,
             "nonfinite_total": self.nonfinite_total,
             "data_seed": self.data_seed,
+            "origin": self.origin,
         }
         ckpt_lib.save(
             self.engine, self.ckpt_root, self.step, trainer_state, {"data": self.loader.state_dict()},
             self.config_yaml, self.cfg.train.keep_last,
         )
+        self.last_saved_step = self.step
 
     def evaluate(self) -> Optional[Dict[str, Any]]:
         if not self.cfg.data.eval_urls:
@@ -255,17 +273,20 @@ class Trainer:
             due = bool(cfg.train.save_every and self.step % cfg.train.save_every == 0)
             if minutes > 0:  # clocks differ across ranks: any rank's deadline counts for all (save is collective)
                 late = time.time() - last_save >= minutes * 60
-                due = due or D.all_reduce_sum(torch.tensor([float(late)])).item() > 0
+                due = D.any_rank(late) or due
             if due and self.step < cfg.train.steps:
                 self.save()
                 last_save = time.time()
-        if not (ckpt_lib.find_resume(self.ckpt_root, "auto") or Path()).name == ckpt_lib.tag_for(self.step):
+        if self.last_saved_step != self.step:  # the same on every rank (save is collective)
             self.save()
         result["after"] = self.evaluate()
-        self.close()
         return result
 
     def close(self) -> None:
+        """Idempotent: signal handlers, metrics file / wandb, loader workers."""
+        if self._closed:
+            return
+        self._closed = True
         self.watcher.uninstall()
         self.metrics.close()
         self.loader.close()
@@ -293,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         trainer = Trainer(cfg, info)
-    except UnsafeCheckpointError as e:  # every rank raises it together (checkpoint._agree_safe)
+    except (UnsafeCheckpointError, FileNotFoundError) as e:  # every rank raises it together
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -309,6 +330,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteError as e:
         log.error("%s", e)
         return NONFINITE_EXIT_CODE
+    finally:
+        trainer.close()
     if info.is_main and result.get("after"):
         from mmpretrain.eval.report import format_table
 

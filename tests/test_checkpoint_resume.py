@@ -119,16 +119,32 @@ def test_world_size_change_resumes_through_universal_checkpoint(tiny_data, refro
     ref_rows = {r["step"]: r for r in tk.train_rows(ref)}
     assert rows[0]["lr"] == pytest.approx(ref_rows[7]["lr"])  # schedule position kept
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    # a requeue re-running the first command (train.resume=<ref step 6>) continues from this run's own newest
+    over = tk.tiny_overrides(out, tiny_data, "train.steps=8", "train.zero_stage=2", f"train.resume={src}")
+    assert tk.run("single", 1, over, log) == 0, log.read_text()[-3000:]
+    assert "this run already continued from it" in (out / "logs" / "rank0.log").read_text()
+    assert [r["step"] for r in tk.train_rows(out)] == [7, 8]  # nothing trained again
 
 
 def test_zero_stage_change_is_a_weights_only_restart(tiny_data, refroot, tmp_path):
     ref = reference(2, tiny_data, refroot)
     src = ref / "checkpoints" / "step_00000006"
     out, log = tmp_path / "z3", tmp_path / "z3.log"
-    over = tk.tiny_overrides(out, tiny_data, "train.steps=1", "train.zero_stage=3", "optim.lr=1e-12",
-                             "optim.warmup_steps=0", f"train.resume={src}")
+    # one more step (7) at a vanishing lr: the weights are the checkpoint's, step count and schedule carry on
+    over = tk.tiny_overrides(out, tiny_data, "train.steps=7", "train.zero_stage=3", "optim.lr=1e-12",
+                             f"train.resume={src}")
     assert tk.run("torchrun", 2, over, log) == 0, log.read_text()[-3000:]
     assert "restarting from its weights only" in (out / "logs" / "rank0.log").read_text()
+    rows = tk.train_rows(out)
+    assert [r["step"] for r in rows] == [7]
+    from mmpretrain.config import load_config
+    from mmpretrain.engine import lr_lambda
+
+    cfg = load_config(str(tk.REPO / "configs/demo.yaml"), over)
+    f = lr_lambda(cfg)
+    assert f(7) != f(1)  # a restarted schedule would be back in warmup
+    assert rows[0]["lr"] == pytest.approx(1e-12 * f(7))  # the schedule went on from step 6
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step_00000007"]
     a, b = consolidated_state_dict(src), tk.final_weights(out)
     assert a.keys() == b.keys()
     for k in a:

@@ -138,3 +138,37 @@ def test_two_ranks_equal_one(setup):
         assert two["captioning"][m]["num_samples"] == 6
     keys = [e["key"] for e in two["captioning"]["image"]["examples"]]
     assert len(set(keys)) == 6
+
+
+def test_caption_tool_matches_direct_generation(setup, tmp_path):
+    """tools/caption.py on files and on shards prints what the loaded model generates directly."""
+    import tarfile
+
+    from mmpretrain import inference
+
+    files = {}
+    with tarfile.open(setup["data"]) as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            if ext in ("png", "jpg", "flac", "wav") and len([f for f in files if f.endswith(ext)]) < 2:
+                path = tmp_path / m.name
+                path.write_bytes(tf.extractfile(m).read())
+                files[str(path)] = ext
+    images = sorted(p for p, e in files.items() if e in ("png", "jpg"))
+    audio = sorted(p for p, e in files.items() if e in ("flac", "wav"))
+    out = subprocess.run([sys.executable, "tools/caption.py", "--checkpoint", setup["export"], "--image", *images,
+                          "--audio", *audio, "--max-new-tokens", "8", "--json"],
+                         capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    m = inference.load(setup["export"], "cpu")
+    want = m.caption(image=images, max_new_tokens=8) + m.caption(audio=audio, max_new_tokens=8)
+    assert [(r["modality"], r["name"]) for r in rows] == [("image", p) for p in images] + [("audio", p) for p in audio]
+    assert [r["caption"] for r in rows] == want
+
+    out = subprocess.run([sys.executable, "tools/caption.py", "--checkpoint", setup["export"], "--shards",
+                          setup["data"], "--limit", "3", "--max-new-tokens", "4"],
+                         capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 6 and {ln.split("\t")[0] for ln in lines} == {"image", "audio"}  # 3 samples x 2

@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,8 +56,8 @@ def _emit(rows: List[dict], as_json: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from mmpretrain.data.decode import decode_audio, decode_image
     from mmpretrain.evaluate import load_for_eval
+    from mmpretrain.inference import InferenceModel
 
     args = parse_args(argv)
     if not (args.image or args.audio or args.shards):
@@ -70,16 +68,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {args.checkpoint} has no caption decoder (model.text.decoder_depth = 0)", file=sys.stderr)
         return 2
     gen = _gen_cfg(cfg.eval.generation, args)
-    d = cfg.data
+    inf = InferenceModel(model, cfg, tok, next(model.parameters()).device)
     bs = max(1, args.batch_size)
     for mod, files in (("image", args.image), ("audio", args.audio)):
         for s in range(0, len(files), bs):
             chunk = files[s: s + bs]
-            if mod == "image":
-                x = torch.from_numpy(np.stack([decode_image(Path(f).read_bytes(), d.image_size) for f in chunk]))
-            else:
-                x = torch.from_numpy(np.stack([decode_audio(Path(f).read_bytes(), d.audio.sample_rate, d.audio.clip_seconds)
-                                               for f in chunk]))
+            x = inf.preprocess_images(chunk) if mod == "image" else inf.preprocess_audio(chunk)
             caps = generate_captions(model, tok, **{mod: x}, cfg=gen)
             _emit([{"modality": mod, "name": f, "caption": c} for f, c in zip(chunk, caps)], args.json)
     if args.shards:
