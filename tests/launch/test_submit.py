@@ -170,3 +170,16 @@ def test_sbatch_templates_carry_the_requeue_loop(template):
                   '[ -f "$RUN_DIR/PREEMPTED" ]', 'scontrol requeue "$SLURM_JOB_ID"',
                   "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))", "-m mmpretrain.train"):
         assert piece in s, piece
+
+
+def test_sbatch_templates_agree_with_the_code():
+    """launch/slurm/*.sbatch repeat a few constants of the code by hand; they must not drift."""
+    from mmpretrain.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
+    from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
+
+    for name in ("torchrun.sbatch", "srun.sbatch"):
+        text = (REPO / "launch" / "slurm" / name).read_text()
+        assert f"MASTER_PORT=$(( {SLURM_PORT_BASE} + SLURM_JOB_ID % {SLURM_PORT_SPAN} ))" in text, name
+        assert f'"$rc" -eq {REQUEUE_EXIT_CODE} ] || [ -f "$RUN_DIR/{PREEMPTED_MARKER}" ]' in text, name
+        assert f'rm -f "$RUN_DIR/{PREEMPTED_MARKER}"' in text and "--requeue" in text, name
+        assert "scontrol requeue" in text and "--signal=B:USR1@" in text, name
