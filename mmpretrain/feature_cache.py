@@ -1,12 +1,13 @@
 """Exact large-batch contrastive gradients under gradient accumulation (GradCache-style).
 
-A no-grad pass embeds every micro-batch of the optimizer step and caches the features. Each
-micro-batch is then recomputed with gradient and scored against the full cached set (all
-micro-batches of all ranks), its own rows live, every other row a cached constant. The
-gradient through the live rows is the exact partial derivative of the big-batch loss, so
-the sum over micro-batches is the big-batch gradient. DeepSpeed divides each micro-batch's
-loss by grad_accum; the cached loss is multiplied back, and the temperature (used live in
-every micro-batch) gets 1/grad_accum of its gradient each time, so it too is counted once.
+A no-grad pass embeds every micro-batch of the optimizer step and caches the features. The
+big-batch loss over the cached set (all micro-batches of all ranks) is computed once, with its
+gradient with respect to every cached row. Each micro-batch is then recomputed with gradient
+and back-propagated through <live features, cached row gradients>: the chain rule gives its
+exact share of the big-batch gradient, so the sum over micro-batches is the big-batch
+gradient, at the cost of one loss per step instead of one per micro-batch. DeepSpeed divides
+each micro-batch's loss by grad_accum; the surrogate is multiplied back, and the temperature
+(live in every micro-batch) gets 1/grad_accum of its gradient each time.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class FeatureCache:
     offsets: List[int]  # row offset of micro-batch i
     rng_states: List[Tuple[torch.Tensor, List[torch.Tensor]]] = field(default_factory=list)
     caption_denominator: torch.Tensor | None = None  # global caption tokens of the step / grad_accum
+    grads: Dict[str, torch.Tensor] | None = None  # d(big-batch loss)/d(cached rows, temperatures, biases)
+    metrics: Dict[str, torch.Tensor] | None = None  # the step's contrastive metrics
 
     @property
     def accum(self) -> int:
@@ -75,28 +78,37 @@ class FeatureCache:
                 torch.cuda.set_rng_state(s, d)
             yield
 
-    def splice(self, out: Dict[str, torch.Tensor], i: int) -> Dict[str, torch.Tensor]:
-        """Model outputs of micro-batch i (live) -> outputs over the whole step: cached rows with
-        rows of micro-batch i replaced by the live features; scale / bias pass 1/accum of their
-        gradient (their value is unchanged)."""
-        s = self.offsets[i]
-        n = out["image"].shape[0]
-        full: Dict[str, torch.Tensor] = {}
-        for m in FEATURES:
-            c = self.features[m].to(out[m].device)
-            full[m] = torch.cat([c[:s], out[m].float(), c[s + n:]], 0)
+    def _cached_gradients(self, loss_fn: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
+                          out: Dict[str, torch.Tensor]) -> None:
+        """The big-batch loss once, on the cached features: its gradient with respect to every
+        cached row and to the temperatures / biases, and the step's metrics. Collective (the loss
+        gathers across ranks), so every rank calls it at the same micro-batch."""
+        dev = out["image"].device
+        leaves: Dict[str, torch.Tensor] = {m: self.features[m].to(dev).requires_grad_() for m in FEATURES}
         for k, v in out.items():
             if k.startswith(("scale/", "bias/")):
-                full[k] = v.detach() + (v - v.detach()) / self.accum
-        return full
+                leaves[k] = v.detach().float().clone().requires_grad_()
+        masks = {m: self.masks[m].to(dev) for m in FEATURES}
+        with torch.enable_grad():
+            loss, metrics = loss_fn(dict(leaves), masks)
+            keys = list(leaves)
+            grads = torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)
+        self.grads = {k: torch.zeros_like(leaves[k]) if g is None else g.detach() for k, g in zip(keys, grads)}
+        self.metrics = {k: v.detach() for k, v in metrics.items()}
 
     def contrastive(
         self, loss_fn: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
         out: Dict[str, torch.Tensor], i: int,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """The big-batch contrastive loss with micro-batch i live, times accum (DeepSpeed's
-        backward divides by accum). Metrics are those of the whole step."""
-        full = self.splice(out, i)
-        masks = {m: self.masks[m].to(out[m].device) for m in FEATURES}
-        loss, metrics = loss_fn(full, masks)
-        return loss * self.accum, metrics
+        """A surrogate whose gradient, through micro-batch i's live features, is that micro-batch's
+        share of the big-batch gradient (GradCache): <features_i, dL/dfeatures_i>, plus 1/accum of
+        the temperature / bias terms, times accum (DeepSpeed's backward divides by accum). The big-
+        batch loss itself is computed once per step (first call); metrics are the whole step's."""
+        if self.grads is None:
+            self._cached_gradients(loss_fn, out)
+        assert self.grads is not None and self.metrics is not None
+        s, n = self.offsets[i], out["image"].shape[0]
+        surrogate = sum((out[m].float() * self.grads[m][s:s + n]).sum() for m in FEATURES)
+        shared = sum((out[k].float() * self.grads[k]).sum() for k in self.grads if k.startswith(("scale/", "bias/")))
+        surrogate = surrogate + shared / self.accum
+        return surrogate * self.accum, dict(self.metrics)
