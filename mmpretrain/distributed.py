@@ -76,13 +76,23 @@ def _slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     return counts[node_id]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _master(env: Mapping[str, str], world: int, launcher: str) -> Tuple[str, int]:
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if world > 1 and (not addr or port is None):
         missing = " and ".join(n for n, v in (("MASTER_ADDR", addr), ("MASTER_PORT", port)) if not v)
         raise LaunchError(f"WORLD_SIZE={world} ({launcher}) but {missing} is not set; export the address "
                           "and a free port of the rank-0 host (torchrun and deepspeed do this themselves)")
-    port_i = _int(env, "MASTER_PORT") if port is not None else 29500
+    if port is None:  # one process: its store is private, so any free port (two runs may share a host)
+        return addr or "127.0.0.1", _free_port()
+    port_i = _int(env, "MASTER_PORT")
     if not 0 < port_i < 65536:
         raise LaunchError(f"environment variable MASTER_PORT={port_i} is not a TCP port (1-65535)")
     return addr or "127.0.0.1", port_i

@@ -76,7 +76,9 @@ def free_port() -> int:
 
 def start(launcher: str, nproc: int, overrides: Sequence[str], log: Path, **env_extra: str) -> subprocess.Popen:
     f = open(log, "ab")
-    return subprocess.Popen(launch_cmd(launcher, nproc, overrides, free_port()), cwd=REPO, env=env(**env_extra),
+    port = free_port()
+    env_extra.setdefault("MASTER_PORT", str(port))  # the single-process run's own group too
+    return subprocess.Popen(launch_cmd(launcher, nproc, overrides, port), cwd=REPO, env=env(**env_extra),
                             stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
