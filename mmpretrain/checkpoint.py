@@ -182,8 +182,7 @@ def ensure_universal(ckpt: Path) -> Path:
             _convert_universal(Path(ckpt), out)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             err = e
-    if D.any_rank(err is not None):  # the other ranks must not wait for a conversion that failed
-        raise err if err is not None else RuntimeError(f"rank 0 could not convert {ckpt}; see its log")
+    D.raise_together(err, RuntimeError(f"rank 0 could not convert {ckpt}; see its log"))
     return out
 
 
@@ -261,10 +260,7 @@ def _agree_safe(src: Path, mode: str) -> None:
             verify_files(_rank_files(src, D.rank()))
     except Exception as e:  # noqa: BLE001 - a missing or unreadable file too: every rank stops together
         err = e
-    if D.any_rank(err is not None):
-        if err is not None:
-            raise err
-        raise UnsafeCheckpointError(f"another rank refused a file of {src}; see its log")
+    D.raise_together(err, UnsafeCheckpointError(f"another rank refused a file of {src}; see its log"))
 
 
 def load(engine, plan: ResumePlan, load_optimizer: bool = True) -> Dict[str, Any]:

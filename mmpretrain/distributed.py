@@ -289,6 +289,13 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
 
 
+def raise_together(err: Optional[BaseException], elsewhere: BaseException) -> None:
+    """Collective: when any rank failed, every rank raises (its own error, or `elsewhere`), so no
+    rank is left waiting in a later collective for one that stopped."""
+    if any_rank(err is not None):
+        raise err if err is not None else elsewhere
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()

@@ -322,7 +322,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = trainer.run()
     except Preempted as e:
         log.warning("%s; exiting with code %d for requeue", e, REQUEUE_EXIT_CODE)
-        trainer.close()
         if info.is_main:
             ckpt_lib.atomic_write(Path(cfg.run.output_dir) / PREEMPTED_MARKER, f"{trainer.step} {trainer.watcher.flag}\n")
         D.barrier()
