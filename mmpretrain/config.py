@@ -16,6 +16,8 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmpretrain.plugins import PluginError, load_plugins
+
 
 class ConfigError(ValueError):
     """A config value or key is invalid; the message names it."""
@@ -174,6 +176,9 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs/default"
     seed: int = 0
+    # modules imported (`module`) or functions called (`module:function`) before anything is built:
+    # extra modalities, tower kinds, test hooks (mmpretrain.plugins)
+    plugins: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -407,8 +412,17 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"config key '{key}' is missing or invalid: {str(e).splitlines()[0]}") from None
+    _load_plugins(cfg)
     validate(cfg)
     return cfg
+
+
+def _load_plugins(cfg: Config) -> None:
+    """Plugins may register modalities whose names validation checks, so they load first."""
+    try:
+        load_plugins(cfg.run.plugins)
+    except PluginError as e:
+        raise ConfigError(f"config key 'run.plugins': {e}") from None
 
 
 def to_dict(cfg: Config) -> Dict[str, Any]:
@@ -422,6 +436,7 @@ def to_yaml(cfg: Config) -> str:
 def from_dict(d: Dict[str, Any]) -> Config:
     merged = _merge(OmegaConf.structured(Config), OmegaConf.create(d), "saved config")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _load_plugins(cfg)
     validate(cfg)
     return cfg
 
