@@ -28,7 +28,6 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.5", "triton>=3.0"],
         "wandb": ["wandb>=0.16"],
-        "hf": ["transformers>=4.40"],
         "eval": ["scikit-learn>=1.3", "sacrebleu>=2.3", "pycocoevalcap>=1.2"],
         "dev": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "scikit-learn>=1.3", "sacrebleu>=2.3", "pycocoevalcap>=1.2", "pyflakes>=3"],
     },

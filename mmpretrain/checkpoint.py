@@ -1,6 +1,7 @@
 """Checkpoints: DeepSpeed state + every rank's RNG and data position + trainer state,
 committed atomically (a `COMPLETE` marker after a barrier, then `latest`), keep-last-K,
-and resume from the newest complete one."""
+and resume from the newest complete one. `CheckpointManager` owns a run's resume (what to
+load and how) and its save cadence; the functions below are its parts."""
 from __future__ import annotations
 
 import json
@@ -9,28 +10,23 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from mmpretrain import distributed as D
+from mmpretrain import faults
+from mmpretrain.config import Config, config_hash, to_yaml
 from mmpretrain.safe_load import UnsafeCheckpointError, safe_load, use_safe_engine, verify_files, verify_safe
 
 log = logging.getLogger("mmpretrain.checkpoint")
 _TAG = re.compile(r"^step_(\d{8})$")
-
-
-def fault_steps(name: str) -> set:
-    """Fault injection for the crash and NaN tests: MMPRETRAIN_FAULT_<NAME>=3,4 (steps)."""
-    raw = os.environ.get(f"MMPRETRAIN_FAULT_{name}", "")
-    return {int(x) for x in raw.split(",") if x.strip()}
 
 
 def tag_for(step: int) -> str:
@@ -102,7 +98,8 @@ def origin_of(ckpt: Path) -> str:
     return str(Path(ckpt).resolve())
 
 
-def save(engine, root: Path, step: int, trainer_state: Dict[str, Any], rank_state: Dict[str, Any], config_yaml: str, keep_last: int) -> Path:
+def write_checkpoint(engine, root: Path, step: int, trainer_state: Dict[str, Any], rank_state: Dict[str, Any],
+                     config_yaml: str, keep_last: int) -> Path:
     """Collective: every rank must call it. Returns the checkpoint directory."""
     t0 = time.perf_counter()
     tag = tag_for(step)
@@ -114,8 +111,7 @@ def save(engine, root: Path, step: int, trainer_state: Dict[str, Any], rank_stat
     # our own `latest` (below) replaces DeepSpeed's, which it writes before its last barrier
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save({"rng": rng_state(), **rank_state}, ckpt / f"rank_{rank:05d}.pt")
-    if step in fault_steps("KILL_IN_SAVE"):  # crash-safety test: die with the save half done
-        os.kill(os.getpid(), signal.SIGKILL)
+    faults.point("checkpoint.rank_files_written", step=step, rank=rank)  # crash tests kill a rank here
     D.barrier()  # every rank's files are on disk
     if rank == 0:
         atomic_write(ckpt / "trainer_state.json", json.dumps(trainer_state, indent=1))
@@ -263,7 +259,7 @@ def _agree_safe(src: Path, mode: str) -> None:
     D.raise_together(err, UnsafeCheckpointError(f"another rank refused a file of {src}; see its log"))
 
 
-def load(engine, plan: ResumePlan, load_optimizer: bool = True) -> Dict[str, Any]:
+def restore_checkpoint(engine, plan: ResumePlan, load_optimizer: bool = True) -> Dict[str, Any]:
     """Collective. Restores engine state and this rank's RNG; returns trainer and rank state."""
     t0 = time.perf_counter()
     out = _load(engine, plan, load_optimizer)
@@ -292,3 +288,142 @@ def _load(engine, plan: ResumePlan, load_optimizer: bool) -> Dict[str, Any]:
     set_rng_state(rank_state.pop("rng"))
     log.info("resumed from %s (step %d)", ckpt, trainer_state["step"])
     return {"trainer": trainer_state, "rank": rank_state}
+
+
+def move_schedule(scheduler, step: int) -> None:
+    """Put a LambdaLR schedule where an uninterrupted run has it after `step` steps (last_epoch =
+    step, lr = base lr x lambda(step)), the state loading its saved state_dict would give. For a
+    resume that restored no schedule (weights only)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        raise TypeError(f"cannot move a {type(scheduler).__name__} to step {step}: only LambdaLR schedules")
+    lrs = [base * fn(step) for fn, base in zip(lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler.load_state_dict({**scheduler.state_dict(), "last_epoch": step, "_last_lr": list(lrs)})
+
+
+@dataclass
+class Progress:
+    """The trainer's counters a checkpoint carries (what `CheckpointManager.load` gives back)."""
+
+    step: int = 0
+    samples_seen: int = 0
+    modality_counts: Dict[str, int] = field(default_factory=dict)  # empty when starting fresh
+    nonfinite_total: int = 0
+
+
+class CheckpointManager:
+    """Owns a run's resume and its save cadence (after torchtitan's CheckpointManager).
+
+    1. `CheckpointManager(cfg, info, root)` before the engine exists: finds the checkpoint
+       (`train.resume` = auto | never | PATH; a requeued PATH run continues from its own newest
+       descendant) and plans how to resume it: `exact` (same world size and ZeRO stage),
+       `universal` (another world size) or `weights_only` (another ZeRO stage). Engine
+       construction reads `prepare_model(model)` (weights-only: load the weights before ZeRO
+       partitions the module), `load_universal` (the DeepSpeed config flag) and `data_seed`
+       (the loader's seed: moved on by seed + step after a non-exact resume).
+    2. `load(engine, scheduler, loader)` once, collective: restores engine state, RNG and the
+       loader position (exact) or moves the LR schedule to the step (weights only); returns the
+       trainer's `Progress`.
+    3. `save(step, progress)` after every step, collective: saves every `train.save_every` steps,
+       when `train.save_every_minutes` passed on any rank (the ranks agree), and with `last=True`
+       unless this step is saved already. `save_now` saves at once (preemption)."""
+
+    def __init__(self, cfg: Config, info: D.DistInfo, root: "str | Path") -> None:
+        self.cfg, self.info, self.root = cfg, info, Path(root)
+        self.config_yaml = to_yaml(cfg)
+        ckpt = find_resume(self.root, cfg.train.resume)
+        self.plan: Optional[ResumePlan] = plan_resume(ckpt, info.world_size, cfg.train.zero_stage) if ckpt else None
+        self.mode: Optional[str] = self.plan.mode if self.plan is not None else None
+        saved = self.plan.trainer_state if self.plan is not None else {}
+        self.load_universal = self.mode == "universal"
+        self.data_seed: int = saved.get("data_seed", cfg.run.seed)
+        if self.mode in ("universal", "weights_only"):
+            log.warning("resume mode '%s': the data stream restarts (seed + step); exact data order "
+                        "is kept only for the same world size", self.mode)
+            self.data_seed += saved["step"]
+        # the explicit checkpoint this run started from (train.resume=PATH), kept by later saves
+        explicit = self.plan is not None and cfg.train.resume not in ("auto", "never") and \
+            self.plan.ckpt.resolve() == Path(cfg.train.resume).resolve()
+        self.origin: Optional[str] = origin_of(self.plan.ckpt) if explicit else saved.get("origin")
+        own = self.mode == "exact" and self.plan.ckpt.parent.resolve() == self.root.resolve()
+        self.last_saved_step: int = saved["step"] if own else -1
+        self._prepared = False
+        self._engine: Any = None
+        self._loader: Any = None
+        self._last_save_time = time.time()
+
+    # ------------------------------------------------------------------ resume
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Call with the built model before the engine wraps it: a weights-only resume loads the
+        checkpoint's consolidated weights now, before ZeRO partitions the module."""
+        self._prepared = True
+        if self.mode == "weights_only":
+            load_consolidated_weights(model, self.plan.ckpt)
+
+    def load(self, engine, scheduler, loader) -> Progress:
+        """Collective, once, after the engine and the loader exist (the loader before the RNG is
+        restored, as in an uninterrupted run). Starting fresh returns `Progress()`."""
+        if self._engine is not None:
+            raise RuntimeError("CheckpointManager.load() was called twice")
+        if self.plan is not None and not self._prepared:
+            raise RuntimeError("CheckpointManager.prepare_model(model) must run before the engine is built")
+        self._engine, self._loader = engine, loader
+        self._last_save_time = time.time()
+        if self.plan is None:
+            return Progress()
+        if self.mode == "universal":
+            ensure_universal(self.plan.ckpt)  # rank 0 converts once; every rank waits
+        state = restore_checkpoint(engine, self.plan)
+        t = state["trainer"]
+        if self.mode == "exact":
+            loader.load_state_dict(state["rank"]["data"])
+        if self.mode == "weights_only":  # no schedule was restored: carry its position on
+            move_schedule(scheduler, t["step"])
+        return Progress(step=t["step"], samples_seen=t["samples_seen"],
+                        modality_counts=dict(t.get("modality_counts", {})), nonfinite_total=t.get("nonfinite_total", 0))
+
+    # ------------------------------------------------------------------ saving
+    def save(self, step: int, progress: Callable[[], Progress], last: bool = False) -> Optional[Path]:
+        """Collective: every rank calls it after every step with the same `step` and `last`.
+        Saves when due (see the class); `progress` is called only then. Returns the directory
+        written, or None."""
+        due = self.last_saved_step != step if last else self._due(step)
+        return self.save_now(step, progress) if due else None
+
+    def _due(self, step: int) -> bool:
+        t = self.cfg.train
+        due = bool(t.save_every and step % t.save_every == 0)
+        if t.save_every_minutes > 0:  # clocks differ across ranks: any rank's deadline counts for all
+            late = time.time() - self._last_save_time >= t.save_every_minutes * 60
+            due = D.any_rank(late) or due
+        return due and step != self.last_saved_step
+
+    def save_now(self, step: int, progress: Callable[[], Progress]) -> Path:
+        """Collective: save this step now (preemption)."""
+        if self._engine is None:
+            raise RuntimeError("CheckpointManager.load() must run before the first save")
+        p = progress()
+        if p.step != step:
+            raise ValueError(f"saving step {step} with the counters of step {p.step}")
+        trainer_state = {
+            "step": step,
+            "samples_seen": p.samples_seen,
+            "modality_counts": dict(p.modality_counts),
+            "config_hash": config_hash(self.cfg),
+            "world_size": self.info.world_size,
+            "zero_stage": self.cfg.train.zero_stage,
+            "nonfinite_total": p.nonfinite_total,
+            "data_seed": self.data_seed,
+            "origin": self.origin,
+        }
+        ckpt = write_checkpoint(self._engine, self.root, step, trainer_state, {"data": self._loader.state_dict()},
+                                self.config_yaml, self.cfg.train.keep_last)
+        self.last_saved_step = step
+        self._last_save_time = time.time()
+        return ckpt
+
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint of this run (None if there is none yet)."""
+        return find_resume(self.root, "auto")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -71,6 +72,7 @@ class DataConfig:
 
 @dataclass
 class TowerConfig:
+    kind: str = "native"  # the tower builder registered for this modality (mmpretrain.modalities)
     width: int = 128
     depth: int = 2
     heads: int = 4
@@ -89,6 +91,7 @@ class AudioTowerConfig(TowerConfig):
 
 @dataclass
 class TextTowerConfig:
+    kind: str = "native"
     width: int = 128
     depth: int = 2  # unimodal causal layers (the contrastive text embedding)
     heads: int = 4
@@ -108,17 +111,11 @@ class ModelConfig:
 
 
 @dataclass
-class PairWeights:
-    image_text: float = 1.0
-    audio_text: float = 1.0
-    image_audio: float = 1.0
-
-
-@dataclass
 class LossConfig:
     kind: str = "infonce"  # infonce | siglip
     impl: str = "naive"  # naive | tiled
-    pairs: PairWeights = field(default_factory=PairWeights)
+    # weight per contrastive pair (`image_text`, ...: mmpretrain.modalities.pairs()); unlisted pairs weigh 1
+    pairs: Dict[str, float] = field(default_factory=dict)
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     min_valid_pairs: int = 2
@@ -225,10 +222,21 @@ class Config:
 
 # ----------------------------------------------------------------------------- checks
 
+# train.precision / export --dtype name -> torch dtype
+DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a precision name in DTYPES; ValueError naming the choices otherwise."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype '{name}' is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
 _CHOICES = {
     "loss.kind": ("infonce", "siglip"),
     "loss.impl": ("naive", "tiled"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": tuple(DTYPES),
     "train.zero_stage": (0, 1, 2, 3),
     "log.wandb.mode": ("disabled", "offline", "online"),
     "model.vision.stem": ("patch", "conv"),
@@ -305,10 +313,9 @@ def validate(cfg: Config) -> None:
             hi_s = "inf" if hi is None else f"{hi}"
             bracket = "[" if lo_incl else "("
             raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed {bracket}{lo_s}, {hi_s}]")
-    for tower in ("vision", "audio"):
-        t = getattr(cfg.model, tower)
-        _check_heads(f"model.{tower}", t.width, t.heads, t.depth)
-    _check_heads("model.text", cfg.model.text.width, cfg.model.text.heads, cfg.model.text.depth)
+    for section in ("vision", "audio", "text"):  # the schema's tower sections
+        t = getattr(cfg.model, section)
+        _check_heads(f"model.{section}", t.width, t.heads, t.depth)
     if cfg.data.image_size % cfg.model.vision.patch_size:
         raise ConfigError(
             f"config key 'data.image_size' = {cfg.data.image_size} must be a multiple of "
@@ -337,12 +344,21 @@ def validate(cfg: Config) -> None:
         if src.name in names:
             raise ConfigError(f"config key 'data.train[{i}].name' = {src.name!r} is used by two sources")
         names.add(src.name)
-    if sum(abs(w) for w in dataclasses.astuple(cfg.loss.pairs)) == 0 and cfg.loss.caption_weight == 0:
+    # late import: the registry imports the tower modules, which import this schema
+    from mmpretrain import modalities
+
+    problem = modalities.validate_config(cfg)
+    if problem:
+        raise ConfigError(problem)
+    for pair, w in cfg.loss.pairs.items():
+        if w < 0:
+            raise ConfigError(f"config key 'loss.pairs.{pair}' = {w} must be >= 0")
+    contrastive_off = sum(modalities.pair_weights(cfg).values()) == 0
+    if contrastive_off and cfg.loss.caption_weight == 0:
         raise ConfigError("config keys 'loss.pairs.*' and 'loss.caption_weight' are all 0: nothing to train")
     if cfg.model.text.decoder_depth < 0:
         raise ConfigError(f"config key 'model.text.decoder_depth' = {cfg.model.text.decoder_depth} must be >= 0")
-    if cfg.loss.caption_weight > 0 and cfg.model.text.decoder_depth == 0 and sum(
-            abs(w) for w in dataclasses.astuple(cfg.loss.pairs)) == 0:
+    if cfg.loss.caption_weight > 0 and cfg.model.text.decoder_depth == 0 and contrastive_off:
         raise ConfigError("config key 'loss.caption_weight' > 0 needs 'model.text.decoder_depth' > 0 when 'loss.pairs.*' are all 0")
     bad_t = [t for t in cfg.eval.templates if "{}" not in t]
     if bad_t:

@@ -8,10 +8,23 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from mmpretrain import modalities as M
 from mmpretrain.config import Config
+from mmpretrain.losses import ContrastiveLoss, caption_loss
 
-# Parameters that must not be weight-decayed: biases, norms, temperatures, embeddings.
-_NO_DECAY_HINTS = ("logit_scale", "logit_bias", "pos", "cls", "tok.", "ln", "norm")
+# Weight decay by tensor rank (nanoGPT's rule): parameters with ndim >= 2 (linear and conv
+# weights) decay, parameters with ndim < 2 (biases, LayerNorm weights, temperatures, logit
+# biases) never do. Embeddings are >= 2-D but are looked up or added, not multiplied, so they are
+# exempt by name: each entry is matched against the trailing components of a parameter's dotted
+# name, component by component ("*" = any one component), so "pos" matches "model.vision.pos"
+# but not "model.vision.pos_proj.weight", and nothing matches by substring.
+NO_DECAY_EMBEDDINGS = (
+    "text.tok.weight",  # token embedding
+    "pos",  # positional embeddings (vision, audio, text)
+    "cls",  # class tokens
+    "decoder.modality_embed.*",  # which modality a caption context token comes from
+    "decoder.poolers.*.queries",  # attentional-pooler queries
+)
 
 
 def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> Dict[str, Any]:
@@ -38,13 +51,25 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     return ds
 
 
+def is_no_decay_embedding(name: str) -> bool:
+    """Whether a parameter name ends with one of NO_DECAY_EMBEDDINGS (whole components)."""
+    parts = name.split(".")
+    for rule in NO_DECAY_EMBEDDINGS:
+        want = rule.split(".")
+        tail = parts[-len(want):]
+        if len(tail) == len(want) and all(w == "*" or w == t for w, t in zip(want, tail)):
+            return True
+    return False
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """[decayed, not decayed] AdamW groups of the trainable parameters: ndim >= 2 decays unless
+    it is an embedding in NO_DECAY_EMBEDDINGS; ndim < 2 never decays."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        leaf = name.split(".")[-1]
-        if p.ndim < 2 or leaf == "bias" or any(h in name for h in _NO_DECAY_HINTS):
+        if p.ndim < 2 or is_no_decay_embedding(name):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -72,11 +97,19 @@ class SkippableAdamW(torch.optim.AdamW):
     reports an overflow (`overflow`): the engine then counts a skipped step and holds the LR
     schedule. ZeRO 1-3 skip non-finite steps themselves; this gives stage 0 the same."""
 
-    skip_next: bool = False
-    overflow: bool = False
+    _skip_next: bool = False
+    overflow: bool = False  # read by DeepSpeed after each step
+
+    def skip_next_step(self) -> None:
+        """The next step() changes nothing and reports an overflow."""
+        self._skip_next = True
+
+    def clear_skip(self) -> None:
+        """Forget a pending skip (a wrapper that skipped on its own never called step())."""
+        self._skip_next = False
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        self.overflow, self.skip_next = self.skip_next, False
+        self.overflow, self._skip_next = self._skip_next, False
         if self.overflow:
             return None
         return super().step(closure)
@@ -87,31 +120,26 @@ class TrainModule(nn.Module):
 
     def __init__(self, model: nn.Module, cfg: Config) -> None:
         super().__init__()
-        from mmpretrain.losses import ContrastiveLoss
-
         self.model = model
         self.cfg = cfg
         self.contrastive = ContrastiveLoss(cfg)
 
     def forward(
-        self, batch: Dict[str, torch.Tensor], feature_cache: Any = None, micro_index: int = 0
+        self, batch: M.Batch, feature_cache: Any = None, micro_index: int = 0
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """feature_cache (mmpretrain.feature_cache.FeatureCache): score micro-batch `micro_index`
         against every cached micro-batch of the step (exact big-batch contrastive gradient)."""
         if feature_cache is None:
             out = self.model(batch)
-            masks = {"image": batch["image_mask"], "audio": batch["audio_mask"], "text": batch["text_mask"]}
-            loss_con, metrics = self.contrastive(out, masks)
+            loss_con, metrics = self.contrastive(out.embeddings, out.scales, out.biases, batch.masks)
         else:
             with feature_cache.replay_rng(micro_index):
                 out = self.model(batch)
             loss_con, metrics = feature_cache.contrastive(self.contrastive, out, micro_index)
         total = self.cfg.loss.contrastive_weight * loss_con
-        if getattr(self.model, "decoder", None) is not None:
-            from mmpretrain.losses import caption_loss
-
+        if out.caption is not None:
             denom = None if feature_cache is None else feature_cache.caption_denominator
-            loss_cap, cap_metrics = caption_loss(self.model, out, batch, denominator=denom)
+            loss_cap, cap_metrics = caption_loss(out.caption, denominator=denom)
             total = total + self.cfg.loss.caption_weight * loss_cap
             metrics.update(cap_metrics)
         metrics["loss"] = self.cfg.loss.contrastive_weight * metrics.get("loss/contrastive", 0.0) + (
@@ -140,15 +168,3 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal:
         model=module, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world_size, load_universal)
     )
     return engine, opt, sched
-
-
-def batch_to_device(batch: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
-    """Move tensors; images go to the compute dtype, audio stays fp32 (mel is computed in fp32)."""
-    out: Dict[str, Any] = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if k == "image" and v.is_floating_point():
-                v = v.to(dtype)
-        out[k] = v
-    return out

@@ -10,8 +10,8 @@ complete checkpoint), a `checkpoints/` directory or one `step_XXXXXXXX/` directo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -19,33 +19,25 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-import torch
+from safetensors.torch import save_file
 
 from mmpretrain import checkpoint as ckpt_lib
-from mmpretrain.config import config_hash, load_config, to_dict
+from mmpretrain import loading
+from mmpretrain.config import DTYPES, config_hash, dtype_of, to_dict
 
 EXPORT_FORMAT = "mmpretrain-export/1"
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32") -> Path:
     """Write the export; returns `out`. Written to a temporary sibling and renamed, so a crash
-    never leaves a half-written export under `out`."""
-    from safetensors.torch import save_file
-
-    from mmpretrain.data.tokenizer import build_tokenizer
-    from mmpretrain.models import build_model
-
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype '{dtype}' is not one of {sorted(_DTYPES)}")
+    never leaves a half-written export under `out`. The export is readable by others as far as
+    the umask allows (directories 0777 & ~umask, files 0666 & ~umask), like any other file."""
+    torch_dtype = dtype_of(dtype)
     ckpt = ckpt_lib.resolve_checkpoint(checkpoint)
-    cfg = load_config(str(ckpt / "config.yaml"))
-    tok = build_tokenizer(cfg.data.tokenizer)
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's converter prints progress
-        sd = ckpt_lib.consolidated_state_dict(ckpt)
-    # check against a freshly built model, so an export always loads
-    ckpt_lib.load_state_checked(build_model(cfg, tok.vocab_size), sd, ckpt)
-    tensors = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in sd.items()}
+    # the model a later load_model rebuilds, checked against these weights: an export always loads
+    loaded = loading.load(ckpt)
+    cfg, tok, sd = loaded.cfg, loaded.tokenizer, loaded.state_dict
+    tensors = {k: v.to(torch_dtype).contiguous() for k, v in sd.items()}
     trainer = ckpt_lib.read_trainer_state(ckpt)
     meta: Dict[str, Any] = {
         "format": EXPORT_FORMAT,
@@ -62,9 +54,10 @@ def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32") -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": EXPORT_FORMAT, "dtype": dtype})
-        (tmp / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
-        tok.save(str(tmp / "tokenizer"))
+        save_file(tensors, str(tmp / loading.EXPORT_WEIGHTS), metadata={"format": EXPORT_FORMAT, "dtype": dtype})
+        (tmp / loading.EXPORT_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
+        tok.save(str(tmp / loading.EXPORT_TOKENIZER))
+        _share(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -74,12 +67,23 @@ def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32") -> 
     return out
 
 
+def _share(root: Path) -> None:
+    """Modes a plain mkdir / open would give (0777 / 0666 & ~umask): mkdtemp makes the directory
+    0700 and safetensors writes its file 0600, which teammates could not read."""
+    mask = os.umask(0)  # reading the umask means setting it; restored at once
+    os.umask(mask)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mmpretrain.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step_XXXXXXXX dir")
     p.add_argument("--out", required=True, help="export directory (replaced if it exists)")
-    p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     return p.parse_args(argv)
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
 from mmpretrain import distributed as D
-
-FEATURES = ("image", "audio", "text")
+from mmpretrain import modalities as M
+from mmpretrain.losses import caption_token_count
+from mmpretrain.models.model import ModelOutput
 
 
 def _rng_devices() -> List[int]:
@@ -30,7 +31,7 @@ def _rng_devices() -> List[int]:
 class FeatureCache:
     """The micro-batches of one optimizer step and their cached features (this rank's)."""
 
-    batches: List[Dict[str, Any]]
+    batches: List[M.Batch]
     features: Dict[str, torch.Tensor]  # m -> (sum n_i, E) fp32, no grad
     masks: Dict[str, torch.Tensor]  # m -> (sum n_i,) bool
     offsets: List[int]  # row offset of micro-batch i
@@ -45,26 +46,25 @@ class FeatureCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model: torch.nn.Module, batches: List[Dict[str, Any]]) -> "FeatureCache":
+    def build(cls, model: torch.nn.Module, batches: List[M.Batch]) -> "FeatureCache":
         """Embed every micro-batch without gradient (same forward, same RNG as the replay)."""
         if not batches:
             raise ValueError("the feature cache needs at least one micro-batch")
-        feats: Dict[str, List[torch.Tensor]] = {m: [] for m in FEATURES}
+        names = M.names()
+        feats: Dict[str, List[torch.Tensor]] = {m: [] for m in names}
         rng_states, offsets, off = [], [], 0
         for b in batches:
             rng_states.append((torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in _rng_devices()]))
-            out = model(b)
-            for m in FEATURES:
-                feats[m].append(out[m].detach().float())
+            out = model(b, captions=False)
+            for m in names:
+                feats[m].append(out.embeddings[m].detach().float())
             offsets.append(off)
-            off += int(b["image_mask"].shape[0])
-        masks = {m: torch.cat([b[f"{m}_mask"].bool() for b in batches]) for m in FEATURES}
+            off += len(b)
+        masks = {m: torch.cat([b.masks[m].bool() for b in batches]) for m in names}
         denom = None
         if getattr(model, "decoder", None) is not None:
-            from mmpretrain.losses import caption_token_count
-
             local = torch.stack([caption_token_count(b) for b in batches]).sum().float()
-            denom = D.all_reduce_sum(local) / len(batches)
+            denom = D.all_reduce_sum(local.to(batches[0].labels.device)) / len(batches)
         return cls(list(batches), {m: torch.cat(v) for m, v in feats.items()}, masks, offsets, rng_states, denom)
 
     @contextlib.contextmanager
@@ -79,26 +79,26 @@ class FeatureCache:
             yield
 
     def _cached_gradients(self, loss_fn: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
-                          out: Dict[str, torch.Tensor]) -> None:
+                          out: ModelOutput) -> None:
         """The big-batch loss once, on the cached features: its gradient with respect to every
         cached row and to the temperatures / biases, and the step's metrics. Collective (the loss
         gathers across ranks), so every rank calls it at the same micro-batch."""
-        dev = out["image"].device
-        leaves: Dict[str, torch.Tensor] = {m: self.features[m].to(dev).requires_grad_() for m in FEATURES}
-        for k, v in out.items():
-            if k.startswith(("scale/", "bias/")):
-                leaves[k] = v.detach().float().clone().requires_grad_()
-        masks = {m: self.masks[m].to(dev) for m in FEATURES}
+        dev = next(iter(out.embeddings.values())).device
+        emb = {m: self.features[m].to(dev).requires_grad_() for m in self.features}
+        scales = {p: v.detach().float().clone().requires_grad_() for p, v in out.scales.items()}
+        biases = {p: v.detach().float().clone().requires_grad_() for p, v in out.biases.items()}
+        masks = {m: self.masks[m].to(dev) for m in self.masks}
+        leaves = {**{f"emb/{k}": v for k, v in emb.items()}, **{f"scale/{k}": v for k, v in scales.items()},
+                  **{f"bias/{k}": v for k, v in biases.items()}}
         with torch.enable_grad():
-            loss, metrics = loss_fn(dict(leaves), masks)
+            loss, metrics = loss_fn(emb, scales, biases, masks)
             keys = list(leaves)
             grads = torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)
         self.grads = {k: torch.zeros_like(leaves[k]) if g is None else g.detach() for k, g in zip(keys, grads)}
         self.metrics = {k: v.detach() for k, v in metrics.items()}
 
     def contrastive(
-        self, loss_fn: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
-        out: Dict[str, torch.Tensor], i: int,
+        self, loss_fn: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]], out: ModelOutput, i: int,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """A surrogate whose gradient, through micro-batch i's live features, is that micro-batch's
         share of the big-batch gradient (GradCache): <features_i, dL/dfeatures_i>, plus 1/accum of
@@ -107,8 +107,10 @@ class FeatureCache:
         if self.grads is None:
             self._cached_gradients(loss_fn, out)
         assert self.grads is not None and self.metrics is not None
-        s, n = self.offsets[i], out["image"].shape[0]
-        surrogate = sum((out[m].float() * self.grads[m][s:s + n]).sum() for m in FEATURES)
-        shared = sum((out[k].float() * self.grads[k]).sum() for k in self.grads if k.startswith(("scale/", "bias/")))
+        s = self.offsets[i]
+        surrogate = sum((e.float() * self.grads[f"emb/{m}"][s:s + e.shape[0]]).sum()
+                        for m, e in out.embeddings.items())
+        shared = sum((v.float() * self.grads[f"scale/{p}"]).sum() for p, v in out.scales.items())
+        shared = shared + sum((v.float() * self.grads[f"bias/{p}"]).sum() for p, v in out.biases.items())
         surrogate = surrogate + shared / self.accum
         return surrogate * self.accum, dict(self.metrics)

@@ -5,14 +5,13 @@ The search functions only see a `DecodeState` (last token in, next-token logits 
 re-indexable), so they are tested on small hand-made models as well as on the real one."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from mmpretrain.config import GenerationConfig
-from mmpretrain.ops.attention import attention
 
 
 class DecodeState(Protocol):
@@ -202,104 +201,60 @@ def _beam_search(state: DecodeState, batch_size: int, bos_id: int, eos_id: int, 
 # ----------------------------------------------------------------------------- the real model
 
 
-def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
-    n, t, d = x.shape
-    return x.view(n, t, heads, d // heads).transpose(1, 2)  # (N, H, T, Dh)
-
-
-def _merge(o: torch.Tensor) -> torch.Tensor:
-    n, h, t, dh = o.shape
-    return o.transpose(1, 2).reshape(n, t, h * dh)
-
-
 class CaptionState:
-    """Incremental decoding of a MultimodalModel: caches each self-attention layer's keys and
-    values (text tower and decoder) and the cross-attention keys / values of the context."""
+    """Incremental decoding of a MultimodalModel through its own modules: the text tower and the
+    decoder run their ordinary forward with a key / value cache (models.transformer.DecodeCache),
+    so decoding can never drift from training."""
 
     def __init__(self, model: torch.nn.Module, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> None:
         self.text, self.dec = model.text, model.decoder
-        self.max_len = self.text.pos.shape[1]
-        self.ctx_mask = ctx_mask
-        self.cross_kv = []
-        for blk in self.dec.encoder.blocks:
-            k, v = blk.cross.kv(ctx).chunk(2, dim=-1)
-            self.cross_kv.append((_split(k, blk.cross.heads), _split(v, blk.cross.heads)))
-        self.cache: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * (
-            len(self.text.encoder.blocks) + len(self.dec.encoder.blocks))
-        self.t = 0
-
-    def _self_attn(self, blk, x: torch.Tensor, slot: int) -> torch.Tensor:
-        a = blk.attn
-        q, k, v = (_split(z, a.heads) for z in a.qkv(blk.ln1(x)).chunk(3, dim=-1))
-        if self.cache[slot] is not None:
-            k = torch.cat([self.cache[slot][0], k], 2)
-            v = torch.cat([self.cache[slot][1], v], 2)
-        self.cache[slot] = (k, v)
-        return x + a.out(_merge(attention(q, k, v)))  # one query sees every cached key: no mask
+        self.ctx, self.ctx_mask = ctx, ctx_mask
+        self.text_cache, self.dec_cache = self.text.new_cache(), self.dec.new_cache()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.t >= self.max_len:
-            raise ValueError(f"caption longer than the text context ({self.max_len} tokens)")
-        x = self.text.tok(tokens)[:, None] + self.text.pos[:, self.t: self.t + 1]  # (N, 1, W)
-        slot = 0
-        for blk in self.text.encoder.blocks:
-            x = self._self_attn(blk, x, slot)
-            x = x + blk.mlp(blk.ln2(x))
-            slot += 1
-        x = self.text.ln_post(x)
-        for blk, (ck, cv) in zip(self.dec.encoder.blocks, self.cross_kv):
-            x = self._self_attn(blk, x, slot)
-            q = _split(blk.cross.q(blk.ln_c(x)), blk.cross.heads)
-            x = x + blk.cross.out(_merge(attention(q, ck, cv, key_padding_mask=self.ctx_mask)))
-            x = x + blk.mlp(blk.ln2(x))
-            slot += 1
-        self.t += 1
-        return self.dec.head(self.dec.ln_f(x))[:, 0]  # (N, V)
+        if self.text_cache.offset >= self.text.context_len:
+            raise ValueError(f"caption longer than the text context ({self.text.context_len} tokens)")
+        _, states = self.text(tokens[:, None], cache=self.text_cache)  # (N, 1, W)
+        return self.dec(states, self.ctx, self.ctx_mask, cache=self.dec_cache)[:, 0]  # (N, V)
 
     def select(self, index: torch.Tensor) -> None:
-        self.ctx_mask = self.ctx_mask.index_select(0, index)
-        self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
-        self.cache = [None if c is None else (c[0].index_select(0, index), c[1].index_select(0, index))
-                      for c in self.cache]
+        self.ctx, self.ctx_mask = self.ctx.index_select(0, index), self.ctx_mask.index_select(0, index)
+        self.text_cache.select(index)
+        self.dec_cache.select(index)
 
 
-def caption_context(model: torch.nn.Module, image: Optional[torch.Tensor] = None, audio: Optional[torch.Tensor] = None,
-                    image_mask: Optional[torch.Tensor] = None,
-                    audio_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Decoder memory from images (B, 3, H, W) and / or waveforms (B, S); masks (B,) mark which
-    rows have each modality (default: all)."""
+def caption_context(model: torch.nn.Module, inputs: Dict[str, torch.Tensor],
+                    masks: Optional[Dict[str, Optional[torch.Tensor]]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Decoder memory from batch inputs of captioned modalities (e.g. images (B, 3, H, W));
+    masks[m] (B,) marks which rows have modality m (default: all)."""
     if model.decoder is None:
         raise ValueError("this model has no caption decoder (model.text.decoder_depth = 0)")
-    tokens: Dict[str, Optional[torch.Tensor]] = {}
-    if image is not None:
-        tokens["image"] = model.vision(image.to(next(model.vision.parameters()).dtype))[1]
-    if audio is not None:
-        tokens["audio"] = model.audio(audio)[1]
-    return model.decoder.context(tokens, {"image": image_mask, "audio": audio_mask})
+    unknown = set(inputs) - set(model.decoder.modalities)
+    if unknown:
+        raise ValueError(f"cannot caption {sorted(unknown)}; the decoder reads {model.decoder.modalities}")
+    tokens = {m: model.encode(m, x, return_tokens=True)[1] for m, x in inputs.items() if x is not None}
+    return model.caption_context(tokens, masks)
 
 
 def decoder_logits(model: torch.nn.Module, tokens: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
     """Full (uncached) next-token logits (B, L, V) for token prefixes (B, L) starting with BOS."""
-    lens = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
-    _, states = model.text(tokens, lens)
+    _, states = model.text(tokens)
     return model.decoder(states, ctx, ctx_mask)
 
 
 @torch.no_grad()
-def generate_ids(model: torch.nn.Module, bos_id: int, eos_id: int, pad_id: int, image: Optional[torch.Tensor] = None,
-                 audio: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
-                 audio_mask: Optional[torch.Tensor] = None, cfg: Optional[GenerationConfig] = None) -> Generated:
-    """Caption token ids for a batch of images and / or audio clips (cross-attending to both when
-    both are given). max_new_tokens is capped by the text context length."""
+def generate_ids(model: torch.nn.Module, bos_id: int, eos_id: int, pad_id: int, inputs: Dict[str, torch.Tensor],
+                 masks: Optional[Dict[str, Optional[torch.Tensor]]] = None,
+                 cfg: Optional[GenerationConfig] = None) -> Generated:
+    """Caption token ids for a batch of inputs of one or more captioned modalities (cross-attending
+    to all given). max_new_tokens is capped by the text context length."""
     cfg = cfg or GenerationConfig()
     was = model.training
     model.eval()
     try:
-        ctx, mask = caption_context(model, image, audio, image_mask, audio_mask)
-        limit = model.text.pos.shape[1] - 1  # BOS takes position 0
+        ctx, mask = caption_context(model, inputs, masks)
+        limit = model.text.context_len - 1  # BOS takes position 0
         if cfg.max_new_tokens > limit:
-            from dataclasses import replace
-
             cfg = replace(cfg, max_new_tokens=limit)
         state = CaptionState(model, ctx, mask)
         return generate(state, ctx.shape[0], bos_id, eos_id, pad_id, cfg, suppress=(bos_id, pad_id), device=ctx.device)
@@ -307,12 +262,11 @@ def generate_ids(model: torch.nn.Module, bos_id: int, eos_id: int, pad_id: int, 
         model.train(was)
 
 
-def generate_captions(model: torch.nn.Module, tokenizer, image: Optional[torch.Tensor] = None,
-                      audio: Optional[torch.Tensor] = None, cfg: Optional[GenerationConfig] = None,
-                      image_mask: Optional[torch.Tensor] = None, audio_mask: Optional[torch.Tensor] = None) -> List[str]:
+def generate_captions(model: torch.nn.Module, tokenizer, inputs: Dict[str, torch.Tensor],
+                      cfg: Optional[GenerationConfig] = None,
+                      masks: Optional[Dict[str, Optional[torch.Tensor]]] = None) -> List[str]:
     """Captions as strings (see generate_ids)."""
-    out = generate_ids(model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, image, audio, image_mask,
-                       audio_mask, cfg)
+    out = generate_ids(model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, inputs, masks, cfg)
     return [tokenizer.decode(out.tokens[i, : int(out.lengths[i])].tolist()) for i in range(out.tokens.shape[0])]
 
 

@@ -8,22 +8,25 @@
     m.retrieve(txt, img, k=5)                    # (scores, indices), best first
     m.caption(image=["cat.png"])                 # needs a model trained with captioning
 
-Only safetensors and JSON are read: nothing from the files is unpickled or executed.
+Only safetensors and JSON are read from an export: nothing from the files is unpickled or executed.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
-import json
+from functools import partial
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
-from mmpretrain.config import Config, from_dict
-
-ImageInput = Union[torch.Tensor, Sequence[Any]]
-AudioInput = Union[torch.Tensor, Sequence[Any]]
+from mmpretrain import modalities
+from mmpretrain.config import Config
+from mmpretrain.data.decode import fit_length
+from mmpretrain.generation import generate_captions
+from mmpretrain.loading import load_model
 
 
 def _read_bytes(x: Any) -> bytes:
@@ -43,36 +46,32 @@ class InferenceModel:
         self.tokenizer = tokenizer
         self.device = device
 
-    # ---- preprocessing (eval transforms: resize + centre crop; centre audio crop)
-    def preprocess_images(self, images: ImageInput) -> torch.Tensor:
-        if isinstance(images, torch.Tensor):
-            return images.float()
-        from PIL import Image
-
-        from mmpretrain.data.decode import decode_image
-
+    # ---- preprocessing: the modality's own eval decode (resize + centre crop, centre audio crop)
+    def preprocess(self, modality: str, items: Union[torch.Tensor, Sequence[Any]]) -> torch.Tensor:
+        """A batch input for a media modality: a tensor passes through; else each item is a path,
+        bytes, a PIL image (saved as PNG first) or an array already in the model's sample format
+        (a 1-D signal is cut / repeat-padded to the clip length)."""
+        m = modalities.get(modality)
+        if m.kind != "media":
+            raise ValueError(f"'{modality}' is not a media modality; text goes through tokenize()")
+        if isinstance(items, torch.Tensor):
+            return items.float()
+        shape = m.sample_shape(self.cfg.data)
         arrs = []
-        for x in images:
+        for x in items:
             if isinstance(x, Image.Image):
                 buf = io.BytesIO()
                 x.save(buf, format="PNG")
                 x = buf.getvalue()
-            arrs.append(decode_image(_read_bytes(x), self.cfg.data.image_size))
-        return torch.from_numpy(np.stack(arrs))
-
-    def preprocess_audio(self, audio: AudioInput) -> torch.Tensor:
-        a = self.cfg.data.audio
-        if isinstance(audio, torch.Tensor):
-            return audio.float()
-        from mmpretrain.data.decode import decode_audio, fit_length
-
-        n = int(a.sample_rate * a.clip_seconds)
-        arrs = []
-        for x in audio:
-            if isinstance(x, np.ndarray):  # already mono at the model's rate
-                arrs.append(fit_length(x.astype(np.float32), n))
+            if isinstance(x, np.ndarray):
+                x = x.astype(np.float32)
+                if x.ndim == 1 and len(shape) == 1:
+                    x = fit_length(x, shape[0])
+                if tuple(x.shape) != tuple(shape):
+                    raise ValueError(f"{modality} array of shape {x.shape}; the model takes {shape}")
+                arrs.append(x)
             else:
-                arrs.append(decode_audio(_read_bytes(x), a.sample_rate, a.clip_seconds))
+                arrs.append(m.decode(_read_bytes(x), self.cfg.data, None))
         return torch.from_numpy(np.stack(arrs))
 
     def tokenize(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -82,23 +81,24 @@ class InferenceModel:
 
     # ---- embeddings (L2-normalised, shared space)
     @torch.no_grad()
-    def encode_image(self, images: ImageInput) -> torch.Tensor:
-        return self.model.encode_image(self.preprocess_images(images).to(self.device)).float().cpu()
-
-    @torch.no_grad()
-    def encode_audio(self, audio: AudioInput) -> torch.Tensor:
-        return self.model.encode_audio(self.preprocess_audio(audio).to(self.device)).float().cpu()
-
-    @torch.no_grad()
-    def encode_text(self, texts: Union[Sequence[str], torch.Tensor], lengths: Optional[torch.Tensor] = None
-                    ) -> torch.Tensor:
-        if isinstance(texts, torch.Tensor):
+    def encode(self, modality: str, items: Any, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, E) embeddings of `items` (text: strings, or ids with `lengths`)."""
+        if modality != modalities.TEXT:
+            x = self.preprocess(modality, items).to(self.device)
+            return self.model.encode(modality, x).float().cpu()
+        if isinstance(items, torch.Tensor):
             if lengths is None:
                 raise ValueError("encode_text(ids) needs the lengths tensor too")
-            ids, lens = texts, lengths
+            ids, lens = items, lengths
         else:
-            ids, lens = self.tokenize(texts)
-        return self.model.encode_text(ids.to(self.device), lens.to(self.device)).float().cpu()
+            ids, lens = self.tokenize(items)
+        return self.model.encode(modality, ids.to(self.device), lens.to(self.device)).float().cpu()
+
+    def __getattr__(self, name: str) -> Any:
+        # encode_image(paths), encode_audio(...), encode_text(strings), ... for every registered modality
+        if name.startswith("encode_") and name[7:] in modalities.names():
+            return partial(self.encode, name[7:])
+        raise AttributeError(f"{type(self).__name__} has no attribute '{name}'")
 
     @staticmethod
     def retrieve(queries: torch.Tensor, gallery: torch.Tensor, k: int = 5,
@@ -113,42 +113,27 @@ class InferenceModel:
         return torch.cat(scores), torch.cat(idx)
 
     @torch.no_grad()
-    def caption(self, image: Optional[ImageInput] = None, audio: Optional[AudioInput] = None, **gen: Any) -> List[str]:
-        """Captions for images and/or audio (one per sample; both given = fused context).
-        `gen`: GenerationConfig fields (num_beams, do_sample, top_k, top_p, max_new_tokens, ...)."""
+    def caption(self, **kwargs: Any) -> List[str]:
+        """Captions, one per sample: keyword arguments named after captioned modalities give the
+        inputs (`image=[...]`, `audio=[...]`; several = fused context), the others are
+        GenerationConfig fields (num_beams, do_sample, top_k, top_p, max_new_tokens, ...)."""
         if getattr(self.model, "decoder", None) is None:
             raise RuntimeError("this model has no captioning decoder (model.text.decoder_depth=0)")
-        import dataclasses
+        inputs = {m: self.preprocess(m, kwargs.pop(m)).to(self.device) for m in modalities.captioned()
+                  if kwargs.get(m) is not None}
+        for m in modalities.captioned():
+            kwargs.pop(m, None)
+        if not inputs:
+            raise ValueError(f"give inputs of at least one of {modalities.captioned()}")
+        cfg = dataclasses.replace(self.cfg.eval.generation, **kwargs)
+        return generate_captions(self.model, self.tokenizer, inputs, cfg)
 
-        from mmpretrain.generation import generate_captions
-
-        img = self.preprocess_images(image).to(self.device) if image is not None else None
-        aud = self.preprocess_audio(audio).to(self.device) if audio is not None else None
-        cfg = dataclasses.replace(self.cfg.eval.generation, **gen)
-        return generate_captions(self.model, self.tokenizer, img, aud, cfg)
-
-    def generate(self, *args: Any, **kwargs: Any) -> List[str]:
-        return self.caption(*args, **kwargs)
+    def generate(self, **kwargs: Any) -> List[str]:
+        return self.caption(**kwargs)
 
 
 def load(directory: "str | Path", device: "str | torch.device | None" = None) -> InferenceModel:
-    """Rebuild the exported model (eval mode) with its config and tokenizer."""
-    from safetensors.torch import load_file
-
-    from mmpretrain.checkpoint import load_state_checked
-    from mmpretrain.data.tokenizer import build_tokenizer
-    from mmpretrain.models import build_model
-
-    d = Path(directory)
-    for name in ("model.safetensors", "config.json"):
-        if not (d / name).is_file():
-            raise FileNotFoundError(f"{d} is not an export: {name} is missing (make one with python -m mmpretrain.export)")
-    meta = json.loads((d / "config.json").read_text())
-    cfg = from_dict(meta.get("config", meta))
-    tok_dir = d / "tokenizer"
-    tok = build_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.data.tokenizer)
-    model = build_model(cfg, tok.vocab_size)
-    sd = load_file(str(d / "model.safetensors"))
-    load_state_checked(model, {k: v.float() for k, v in sd.items()}, d / "model.safetensors")
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return InferenceModel(model.to(dev).eval(), cfg, tok, dev)
+    """Rebuild the exported model (eval mode) with its config and tokenizer (mmpretrain.loading;
+    a training checkpoint or run directory loads too). device None: CUDA when available."""
+    model, cfg, tok = load_model(directory, device)
+    return InferenceModel(model, cfg, tok, next(model.parameters()).device)

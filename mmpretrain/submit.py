@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from mmpretrain.config import ConfigError, load_config
 from mmpretrain.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
@@ -75,6 +75,7 @@ class JobSpec:
     python: str = sys.executable
     workdir: str = "."
     step_wait: int = 120  # srun --wait: seconds the other tasks may live on after the first one exits
+    template: bool = False  # render_template(): CONFIG, RUN_DIR, ... come from the environment at sbatch time
 
     def validate(self) -> None:
         if self.nodes < 1:
@@ -119,45 +120,84 @@ class JobSpec:
                         ("constraint", self.constraint)):
             if v is not None:
                 opts.append(f"--{flag}={v}")
-        opts += [f"--signal=B:USR1@{self.signal_seconds}", "--requeue", "--open-mode=append",
-                 f"--output={self.run_dir}/slurm/%x-%j.out"]
+        opts += [f"--signal=B:USR1@{self.signal_seconds}", "--requeue", "--open-mode=append"]
+        if not self.template:  # a template's run directory is known only at sbatch time: --output there
+            opts.append(f"--output={self.run_dir}/slurm/%x-%j.out")
         opts += self.sbatch_args
         return [f"#SBATCH {o}" for o in opts]
 
-    def train_command(self) -> str:
+    def _words(self) -> Dict[str, str]:
+        """The shell words the script is made of: this spec's values, quoted, or for a template
+        (render_template) the environment variables set at sbatch time."""
+        torchrun = self.launcher == "torchrun"
+        if self.template:
+            return {
+                "config": '"$CONFIG"', "overrides": '"$@"', "output_dir": '"run.output_dir=$RUN_DIR"',
+                "python": '"$PYTHON"', "python_dir": '"$(dirname "$(command -v "$PYTHON")")"',
+                "workdir": '"${WORKDIR:-.}"', "marker": f'"$RUN_DIR/{PREEMPTED_MARKER}"', "procs": '"$PROCS_PER_NODE"',
+                "cpus": ' --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"',
+                "threads": ("$(( ${SLURM_CPUS_PER_TASK:-$PROCS_PER_NODE} / PROCS_PER_NODE ))" if torchrun
+                            else "${SLURM_CPUS_PER_TASK:-1}"),
+            }
         q = shlex.quote
-        args = ["-m", "mmpretrain.train", "--config", q(self.config)]
         # the run directory goes last and absolute, so logs and checkpoints land where sbatch writes
         kept = [o for o in self.overrides if not o.startswith("run.output_dir=")]
-        args += [q(o) for o in kept] + [q(f"run.output_dir={self.run_dir}")]
-        py = q(self.python)
-        # srun >= 22.05 does not inherit sbatch's --cpus-per-task; ask again
-        cpus = f" --cpus-per-task={self.cpus_per_task}" if self.cpus_per_task else ""
+        return {
+            "config": q(self.config), "overrides": " ".join(q(o) for o in kept),
+            "output_dir": q(f"run.output_dir={self.run_dir}"), "python": q(self.python),
+            "python_dir": q(str(Path(self.python).parent)), "workdir": q(self.workdir),
+            "marker": q(f"{self.run_dir}/{PREEMPTED_MARKER}"), "procs": str(self.procs_per_node),
+            # srun >= 22.05 does not inherit sbatch's --cpus-per-task; ask again
+            "cpus": f" --cpus-per-task={self.cpus_per_task}" if self.cpus_per_task else "",
+            "threads": str(max(1, (self.cpus_per_task or 1) // (self.procs_per_node if torchrun else 1))),
+        }
+
+    def train_command(self) -> str:
+        w = self._words()
+        args = ["-m", "mmpretrain.train", "--config", w["config"], *([w["overrides"]] if w["overrides"] else []),
+                w["output_dir"]]
         if self.launcher == "srun":
-            return f"srun --ntasks-per-node={self.procs_per_node}{cpus} --wait={self.step_wait} {py} -u " + " ".join(args)
-        torchrun = (f"{py} -u -m torch.distributed.run --nnodes=\"$SLURM_NNODES\" --nproc_per_node={self.procs_per_node} "
+            return (f"srun --ntasks-per-node={w['procs']}{w['cpus']} --wait={self.step_wait} {w['python']} -u "
+                    + " ".join(args))
+        torchrun = (f"{w['python']} -u -m torch.distributed.run --nnodes=\"$SLURM_NNODES\" --nproc_per_node={w['procs']} "
                     "--rdzv_backend=c10d --rdzv_endpoint=\"$MASTER_ADDR:$MASTER_PORT\" --rdzv_id=\"$SLURM_JOB_ID\" "
                     "--max_restarts=0")
-        return f"srun --ntasks-per-node=1{cpus} --wait={self.step_wait} {torchrun} " + " ".join(args)
+        return f"srun --ntasks-per-node=1{w['cpus']} --wait={self.step_wait} {torchrun} " + " ".join(args)
 
     def render(self) -> str:
-        q = shlex.quote
-        threads = max(1, (self.cpus_per_task or 1) // (self.procs_per_node if self.launcher == "torchrun" else 1))
-        marker = q(f"{self.run_dir}/{PREEMPTED_MARKER}")
-        lines = ["#!/bin/bash", *self._header(),
-                 f"# Rendered by mmpretrain-submit ({time.strftime('%Y-%m-%d %H:%M:%S')}); re-render instead of editing.",
+        w = self._words()
+        if self.template:
+            name = "torchrun.sbatch" if self.launcher == "torchrun" else "srun.sbatch"
+            intro = [
+                f"# Generated by `python -m mmpretrain.submit --template {self.launcher} > launch/slurm/{name}`",
+                "# (tests/launch/test_submit.py checks it is current): the script mmpretrain-submit renders, with",
+                "# CONFIG, RUN_DIR (required), PYTHON, PROCS_PER_NODE and WORKDIR from the environment. Copy it,",
+                "# edit the #SBATCH lines, create $RUN_DIR/slurm (SLURM does not make the --output directory), then",
+                "#   CONFIG=configs/base.yaml RUN_DIR=runs/base sbatch --output=runs/base/slurm/%x-%j.out \\",
+                f"#       launch/slurm/{name} [key=value ...]",
+                ("# One srun task per node runs torchrun (PROCS_PER_NODE workers)." if self.launcher == "torchrun" else
+                 "# One srun task per process (SLURM_PROCID/LOCALID/NTASKS become RANK/LOCAL_RANK/WORLD_SIZE)."),
+            ]
+        else:
+            intro = [f"# Rendered by mmpretrain-submit ({time.strftime('%Y-%m-%d %H:%M:%S')}); re-render instead of editing."]
+        lines = ["#!/bin/bash", *self._header(), *intro,
                  "# USR1 (--signal, or `scancel --signal=USR1 --batch`) or TERM reach this shell, which forwards them",
                  "# to the training step; the ranks save together and exit with "
                  f"{REQUEUE_EXIT_CODE} (torchrun: 1 plus the {PREEMPTED_MARKER} file),",
                  "# and the script requeues the job, whose next run resumes from the latest checkpoint.",
-                 "set -uo pipefail", f"cd {q(self.workdir)}"]
+                 "set -uo pipefail"]
+        if self.template:
+            procs = self.procs_per_node if self.launcher == "torchrun" else "$SLURM_NTASKS_PER_NODE"
+            lines += [': "${CONFIG:?set CONFIG=path/to/config.yaml}" "${RUN_DIR:?set RUN_DIR=the run.output_dir}"',
+                      "PYTHON=${PYTHON:-python}", f"PROCS_PER_NODE=${{PROCS_PER_NODE:-{procs}}}"]
+        lines.append(f"cd {w['workdir']}")
         if self.setup:
             lines += ["# ---- environment set-up (--setup / --setup-file)", *self.setup, "# ----"]
         lines += [
-            f'export PATH={q(str(Path(self.python).parent))}:"$PATH"  # its environment\'s tools (ninja) first',
+            f'export PATH={w["python_dir"]}:"$PATH"  # its environment\'s tools (ninja) first',
             'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
             f"export MASTER_PORT=$(( {SLURM_PORT_BASE} + SLURM_JOB_ID % {SLURM_PORT_SPAN} ))",
-            f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}",
+            f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{w['threads']}}}",
         ]
         if self.launcher == "torchrun":
             handled = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun passes these on to its workers
@@ -166,7 +206,7 @@ class JobSpec:
         lines += [
             f'echo "[mmpretrain-submit] job $SLURM_JOB_ID SLURM_RESTART_COUNT=${{SLURM_RESTART_COUNT:-0}} '
             f'nodes=$SLURM_JOB_NODELIST master=$MASTER_ADDR:$MASTER_PORT launcher={self.launcher} start=$(date +%FT%T)"',
-            f"rm -f {marker}  # a marker left by an earlier run must not requeue this one",
+            f"rm -f {w['marker']}  # a marker left by an earlier run must not requeue this one",
             "SIGNALLED=''",
             "forward() {",
             '    SIGNALLED=$1',
@@ -182,7 +222,7 @@ class JobSpec:
             '    kill -0 "$STEP_PID" 2>/dev/null || break',
             "done",
             'echo "[mmpretrain-submit] training step exited with $rc at $(date +%T)${SIGNALLED:+ after SIG$SIGNALLED}"',
-            f'if [ "$rc" -eq {REQUEUE_EXIT_CODE} ] || [ -f {marker} ]; then',
+            f'if [ "$rc" -eq {REQUEUE_EXIT_CODE} ] || [ -f {w["marker"]} ]; then',
             '    echo "[mmpretrain-submit] preempted: requeueing job $SLURM_JOB_ID"',
             '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
             '    echo "[mmpretrain-submit] scontrol requeue failed"',
@@ -192,12 +232,28 @@ class JobSpec:
         return "\n".join(lines) + "\n"
 
 
+TEMPLATES = ("torchrun", "srun")
+
+
+def render_template(launcher: str) -> str:
+    """launch/slurm/<launcher>.sbatch: the script render() makes, for 2 nodes x 8 GPUs, with the
+    config, run directory, python and processes per node read from the environment at sbatch time."""
+    if launcher not in TEMPLATES:
+        raise SubmitError(f"--template {launcher!r}: choose one of {list(TEMPLATES)}")
+    per_node = 8
+    spec = JobSpec(config="", run_dir="", nodes=2, gpus_per_node=per_node, procs_per_node=per_node,
+                   cpus_per_task=64 if launcher == "torchrun" else 8, time_limit="24:00:00", launcher=launcher,
+                   template=True)
+    spec.validate()
+    return spec.render()
+
+
 # ---------------------------------------------------------------------- command line
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmpretrain-submit", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="run config (YAML); validated before anything is submitted")
+    p.add_argument("--config", help="run config (YAML); validated before anything is submitted (required)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, passed on to mmpretrain.train")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=1, help="0 for CPU nodes (then set --procs-per-node)")
@@ -219,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default=sys.executable, help="python on the compute nodes [%(default)s]")
     p.add_argument("--workdir", default=None, help="directory the job starts in [current directory]")
     p.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    p.add_argument("--template", choices=TEMPLATES,
+                   help="print launch/slurm/<TEMPLATE>.sbatch (CONFIG, RUN_DIR, ... from the environment); needs no --config")
     return p
 
 
@@ -275,7 +333,13 @@ def submit(spec: JobSpec, script: str, sbatch: str = "sbatch") -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.template:
+        sys.stdout.write(render_template(args.template))
+        return 0
+    if args.config is None:
+        parser.error("the following arguments are required: --config")
     try:
         spec = spec_from_args(args)
         script = spec.render()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -18,12 +16,13 @@ import torch
 
 from mmpretrain import checkpoint as ckpt_lib
 from mmpretrain import distributed as D
-from mmpretrain.config import Config, ConfigError, config_hash, load_config, to_yaml
+from mmpretrain import faults, modalities
+from mmpretrain.config import Config, ConfigError, dtype_of, load_config, to_yaml
+from mmpretrain.eval.suite import EvalSuite, summary_lines
 from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatcher
 
 log = logging.getLogger("mmpretrain.train")
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NONFINITE_EXIT_CODE = 3
 
 
@@ -64,56 +63,28 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.out = Path(cfg.run.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.config_yaml = to_yaml(cfg)
         set_backend(cfg.model.attention_backend)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        # resume (what, how: exact / universal / weights only) and save cadence: mmpretrain.checkpoint
+        self.checkpointer = ckpt_lib.CheckpointManager(cfg, info, self.ckpt_root)
         model = build_model(cfg, self.tokenizer.vocab_size)
-        # what to resume and how: exact, universal (other world size) or weights only (other ZeRO stage)
-        resume = ckpt_lib.find_resume(self.ckpt_root, cfg.train.resume)
-        plan = ckpt_lib.plan_resume(resume, info.world_size, cfg.train.zero_stage) if resume else None
-        if plan is not None and plan.mode == "weights_only":
-            ckpt_lib.load_consolidated_weights(model, resume)  # before ZeRO partitions the module
-        if plan is not None and plan.mode == "universal":
-            ckpt_lib.ensure_universal(resume)
+        self.checkpointer.prepare_model(model)  # a weights-only resume loads here, before ZeRO partitions
         self.engine, self.optimizer, self.scheduler = build_engine(
-            cfg, model, info.world_size, load_universal=plan is not None and plan.mode == "universal")
-        self.dtype = _DTYPES[cfg.train.precision]
+            cfg, model, info.world_size, load_universal=self.checkpointer.load_universal)
+        self.dtype = dtype_of(cfg.train.precision)
         seed_everything(cfg.run.seed + 1000 * info.rank)  # per-rank streams (dropout, augment)
-        # the data seed moves on after a non-exact resume (see _data_cfg); the loader is built before
-        # the checkpoint restores the RNG, as in an uninterrupted run
-        self.data_seed = plan.trainer_state.get("data_seed", cfg.run.seed) if plan is not None else cfg.run.seed
-        # the explicit checkpoint this run started from (train.resume=PATH), kept by later saves
-        explicit = plan is not None and cfg.train.resume not in ("auto", "never") and \
-            plan.ckpt.resolve() == Path(cfg.train.resume).resolve()
-        self.origin = ckpt_lib.origin_of(plan.ckpt) if explicit else (plan.trainer_state.get("origin") if plan else None)
-        if plan is not None and plan.mode != "exact":
-            log.warning("resume mode '%s': the data stream restarts (seed + step); exact data order "
-                        "is kept only for the same world size", plan.mode)
-            self.data_seed += plan.trainer_state["step"]
-        self.loader = build_train_loader(self._data_cfg(), info.rank, info.world_size, self.tokenizer)
-        self.step, self.samples_seen = 0, 0
-        self.modality_counts = {"image": 0, "audio": 0, "text": 0}
-        self.nonfinite_total, self.nonfinite_run = 0, 0
-        if plan is not None:
-            state = ckpt_lib.load(self.engine, plan)
-            t = state["trainer"]
-            self.step, self.samples_seen = t["step"], t["samples_seen"]
-            self.modality_counts = t.get("modality_counts", self.modality_counts)
-            self.nonfinite_total = t.get("nonfinite_total", 0)
-            if plan.mode == "exact":
-                self.loader.load_state_dict(state["rank"]["data"])
-            if plan.mode == "weights_only":  # the schedule was not restored: move it to this step
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
-                    self.scheduler.last_epoch = self.step - 1
-                    self.scheduler.step()
-        own = plan is not None and plan.mode == "exact" and plan.ckpt.parent.resolve() == self.ckpt_root.resolve()
-        self.last_saved_step = self.step if own else -1
+        # built before the checkpoint restores the RNG, as in an uninterrupted run
+        self.loader = build_train_loader(cfg, info.rank, info.world_size, self.tokenizer,
+                                         seed=self.checkpointer.data_seed)
+        self.modality_counts = {m: 0 for m in modalities.names()}
+        progress = self.checkpointer.load(self.engine, self.scheduler, self.loader)
+        self.step, self.samples_seen = progress.step, progress.samples_seen
+        self.modality_counts.update(progress.modality_counts)
+        self.nonfinite_total, self.nonfinite_run = progress.nonfinite_total, 0
         self._closed = False
         self.metrics = MetricsLogger(cfg, info.rank, cfg.train.steps, start_step=self.step)
         self.watcher = PreemptionWatcher(cfg.train.preempt_margin_minutes * 60).install()
-        self._nan_image_steps = ckpt_lib.fault_steps("NAN_IMAGE_STEPS")
 
     @property
     def model(self):
@@ -121,11 +92,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
     def _next_batch(self) -> Dict[str, Any]:
-        from mmpretrain.engine import batch_to_device
-
-        batch = batch_to_device(next(self.loader), self.engine.device, self.dtype)
-        if self.step + 1 in self._nan_image_steps and self.info.rank == 0:
-            batch["image"][0] = float("nan")  # fault injection: one poisoned input on one rank
+        batch = next(self.loader).to(self.engine.device, self.dtype)
+        faults.point("train.batch", step=self.step + 1, batch=batch, rank=self.info.rank)  # NaN tests poison it
         return batch
 
     def _grads_finite_stage0(self) -> bool:
@@ -133,12 +101,6 @@ class Trainer:
         finite = [torch.isfinite(p.grad).all() for p in self.engine.module.parameters() if p.grad is not None]
         bad = bool(finite) and not bool(torch.stack(finite).all())  # one host sync, not one per parameter
         return not D.any_rank(bad)
-
-    def _data_cfg(self) -> Config:
-        """The config the loader sees: run.seed is the data seed (moved on by a non-exact resume)."""
-        if self.data_seed == self.cfg.run.seed:
-            return self.cfg
-        return dataclasses.replace(self.cfg, run=dataclasses.replace(self.cfg.run, seed=self.data_seed))
 
     def train_step(self) -> Dict[str, float]:
         t0 = time.perf_counter()
@@ -169,15 +131,15 @@ class Trainer:
             if micro == self.cfg.train.grad_accum - 1 and self.cfg.train.zero_stage == 0:
                 grads_ok = self._grads_finite_stage0()
                 if not grads_ok or bad_terms:
-                    self.engine.client_optimizer.skip_next = True  # engine.SkippableAdamW
+                    self.engine.client_optimizer.skip_next_step()  # engine.SkippableAdamW
             self.engine.step()
             # an fp16/bf16 wrapper that skipped on its own never called the inner step: do not carry the flag over
-            self.engine.client_optimizer.skip_next = False
+            self.engine.client_optimizer.clear_skip()
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + v / self.cfg.train.grad_accum
-            n = int(batch["image_mask"].numel())
+            n = len(batch)
             self.samples_seen += n * self.info.world_size
-            present = D.all_reduce_sum(torch.stack([batch[f"{m}_mask"].sum() for m in self.modality_counts]))
+            present = D.all_reduce_sum(torch.stack([batch.masks[m].sum() for m in self.modality_counts]))
             for m, c in zip(self.modality_counts, present.tolist()):
                 self.modality_counts[m] += int(c)
         self.step += 1
@@ -200,7 +162,7 @@ class Trainer:
             raise NonFiniteError(
                 f"{self.nonfinite_run} consecutive steps up to step {self.step} had a non-finite {what}; "
                 f"stopping (train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}). Last good checkpoint: "
-                f"{ckpt_lib.find_resume(self.ckpt_root, 'auto')}")
+                f"{self.checkpointer.latest()}")
 
     def _record(self, m: Dict[str, float]) -> Dict[str, Any]:
         mb = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.info.world_size
@@ -214,38 +176,16 @@ class Trainer:
             rec[f"data/{k}"] = v
         return rec
 
-    def save(self) -> None:
-        trainer_state = {
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "modality_counts": self.modality_counts,
-            "config_hash": config_hash(self.cfg),
-            "world_size": self.info.world_size,
-            "zero_stage": self.cfg.train.zero_stage,
-            "nonfinite_total": self.nonfinite_total,
-            "data_seed": self.data_seed,
-            "origin": self.origin,
-        }
-        ckpt_lib.save(
-            self.engine, self.ckpt_root, self.step, trainer_state, {"data": self.loader.state_dict()},
-            self.config_yaml, self.cfg.train.keep_last,
-        )
-        self.last_saved_step = self.step
+    def progress(self) -> ckpt_lib.Progress:
+        """The counters a checkpoint carries (the manager adds the rest)."""
+        return ckpt_lib.Progress(step=self.step, samples_seen=self.samples_seen,
+                                 modality_counts=dict(self.modality_counts), nonfinite_total=self.nonfinite_total)
 
     def evaluate(self) -> Optional[Dict[str, Any]]:
         if not self.cfg.data.eval_urls:
             return None
-        from mmpretrain.eval.runner import evaluate_retrieval
-
-        kept: Dict[str, Any] = {}
-        res = evaluate_retrieval(self.model, self.cfg, self.tokenizer, self.engine.device, self.dtype, keep=kept)
-        from mmpretrain.evaluate import periodic_extras  # zero-shot, captioning, probe (cfg.eval)
-
-        res.update(periodic_extras(self.model, self.cfg, self.tokenizer, self.engine.device, self.dtype,
-                                   kept.get("embedded")))
+        res = EvalSuite(self.model, self.cfg, self.tokenizer, self.engine.device, self.dtype).periodic()
         if self.info.is_main:
-            from mmpretrain.evaluate import summary_lines
-
             for line in summary_lines(res):
                 log.info("eval step %d: %s", self.step, line)
         self.metrics.log({"kind": "eval", "step": self.step, **res}, console=False)
@@ -257,28 +197,19 @@ class Trainer:
         result: Dict[str, Any] = {}
         if self.step == 0 and cfg.data.eval_urls:
             result["before"] = self.evaluate()
-        last_save = time.time()
         while self.step < cfg.train.steps:
             m = self.train_step()
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 self.metrics.log(self._record(m))
             if self.watcher.agreed():  # collective: every rank takes the same branch
-                self.save()
+                self.checkpointer.save_now(self.step, self.progress)
                 self.metrics.log({"kind": "preempted", "step": self.step, "reason": self.watcher.flag or "peer"},
                                  console=True)
                 raise Preempted(f"preempted at step {self.step} ({self.watcher.flag or 'another rank'}); saved")
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 self.evaluate()
-            minutes = cfg.train.save_every_minutes
-            due = bool(cfg.train.save_every and self.step % cfg.train.save_every == 0)
-            if minutes > 0:  # clocks differ across ranks: any rank's deadline counts for all (save is collective)
-                late = time.time() - last_save >= minutes * 60
-                due = D.any_rank(late) or due
-            if due and self.step < cfg.train.steps:
-                self.save()
-                last_save = time.time()
-        if self.last_saved_step != self.step:  # the same on every rank (save is collective)
-            self.save()
+            self.checkpointer.save(self.step, self.progress)  # collective; saves when due (train.save_every*)
+        self.checkpointer.save(self.step, self.progress, last=True)  # unless this step is saved already
         result["after"] = self.evaluate()
         return result
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import faultkit
 import trainkit as tk
 from mmpretrain.checkpoint import complete_checkpoints, consolidated_state_dict
 from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
@@ -62,7 +63,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_data, refroot, tmp_path
     ref = reference(2, tiny_data, refroot)
     out, log = tmp_path / "run", tmp_path / "run.log"
     over = tk.tiny_overrides(out, tiny_data, *STEPS, "train.zero_stage=2")
-    rc = tk.run("torchrun", 2, over, log, MMPRETRAIN_FAULT_KILL_IN_SAVE="6")
+    rc = tk.run("torchrun", 2, [*over, faultkit.plugin("kill_in_save")], log, **{faultkit.KILL_IN_SAVE_VAR: "6"})
     assert rc != 0
     ckpts = out / "checkpoints"
     assert (ckpts / "step_00000006").is_dir() and not (ckpts / "step_00000006" / "COMPLETE").exists()
@@ -140,7 +141,7 @@ def test_zero_stage_change_is_a_weights_only_restart(tiny_data, refroot, tmp_pat
     from mmpretrain.config import load_config
     from mmpretrain.engine import lr_lambda
 
-    cfg = load_config(str(tk.REPO / "configs/demo.yaml"), over)
+    cfg = load_config(str(tk.TINY_CONFIG), over)
     f = lr_lambda(cfg)
     assert f(7) != f(1)  # a restarted schedule would be back in warmup
     assert rows[0]["lr"] == pytest.approx(1e-12 * f(7))  # the schedule went on from step 6

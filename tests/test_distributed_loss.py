@@ -7,7 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mmpretrain.config import load_config
-from mmpretrain.losses import PAIR_MODALITIES, ContrastiveLoss
+from mmpretrain import modalities as M
+from mmpretrain.losses import ContrastiveLoss
 
 N, D_IN, D = 12, 5, 4  # global batch, input dim, embed dim
 
@@ -22,11 +23,10 @@ def _setup(seed=0):
 
 
 def _forward(enc, x, masks, cfg, rows):
-    out = {m: torch.nn.functional.normalize(enc[m](x[m][rows]), dim=-1) for m in enc}
-    for p in PAIR_MODALITIES:
-        out[f"scale/{p}"] = torch.tensor(7.0, dtype=torch.float64)
-        out[f"bias/{p}"] = torch.tensor(-10.0, dtype=torch.float64)
-    return ContrastiveLoss(cfg)(out, {m: masks[m][rows] for m in masks})
+    emb = {m: torch.nn.functional.normalize(enc[m](x[m][rows]), dim=-1) for m in enc}
+    scales = {p: torch.tensor(7.0, dtype=torch.float64) for p in M.pair_names()}
+    biases = {p: torch.tensor(-10.0, dtype=torch.float64) for p in M.pair_names()}
+    return ContrastiveLoss(cfg)(emb, scales, biases, {m: masks[m][rows] for m in masks})
 
 
 def _worker(rank, world, init_file, result_file):

@@ -3,7 +3,6 @@ JSON on stdout, every task present, figures equal to a direct computation, and t
 giving the same result as one."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +13,16 @@ import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from trainkit import make_tiny_data  # noqa: E402
+from trainkit import TINY_CONFIG, free_port  # noqa: E402
 
-OV = [
-    "data.image_size=32", "data.audio.clip_seconds=0.25", "data.text_max_len=48", "data.num_workers=0",
-    "model.embed_dim=16", "model.vision.width=16", "model.vision.depth=1", "model.vision.heads=2",
-    "model.vision.patch_size=8", "model.audio.width=16", "model.audio.depth=1", "model.audio.heads=2",
-    "model.audio.n_mels=16", "model.audio.patch_size=4", "model.text.width=16", "model.text.depth=1",
-    "model.text.heads=2", "model.text.decoder_depth=1", "model.text.decoder_queries=4",
-    "eval.caption_samples=6", "eval.generation.max_new_tokens=8", "eval.templates=['{}','a photo of {}']",
-]
+# the tiny test config (it has a caption decoder); loaders in this process, fewer captions, and
+# text long enough to hold the demo's whole captions (the references below end in "... pitch")
+OV = ["data.num_workers=0", "data.text_max_len=48", "eval.caption_samples=6", "eval.generation.max_new_tokens=8",
+      "eval.templates=['{}','a photo of {}']"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_data, tmp_path_factory):
     from safetensors.torch import save_file
 
     from mmpretrain.config import load_config, to_dict
@@ -35,8 +30,8 @@ def setup(tmp_path_factory):
     from mmpretrain.models import build_model
 
     root = tmp_path_factory.mktemp("evalcli")
-    data = make_tiny_data(root / "data")
-    cfg = load_config(None, OV)
+    data = tiny_data
+    cfg = load_config(str(TINY_CONFIG), OV)
     torch.manual_seed(0)
     model = build_model(cfg, 259).eval()
     export = root / "export"
@@ -83,16 +78,17 @@ def test_cli_prints_json_with_every_task(setup):
 def test_figures_equal_direct_computation(setup):
     from mmpretrain.data.pipeline import build_eval_loader
     from mmpretrain.eval.retrieval import retrieval_metrics
-    from mmpretrain.evaluate import evaluate_model, load_for_eval
+    from mmpretrain.eval.suite import EvalOptions, EvalSuite
+    from mmpretrain.evaluate import load_for_eval
 
     model, cfg, tok = load_for_eval(setup["export"])
-    res = evaluate_model(model, cfg, tok, setup["data"], tasks=("retrieval",), batch_size=7)
+    res = EvalSuite(model, cfg, tok).run(setup["data"], EvalOptions(tasks=("retrieval",), batch_size=7))
     img, txt, lab = [], [], []
     with torch.no_grad():
         for b in build_eval_loader(setup["data"], cfg, tok, batch_size=64):
-            img.append(model.encode_image(b["image"]))
-            txt.append(model.encode_text(b["text"], b["text_len"]))
-            lab.append(b["label"])
+            img.append(model.encode_image(b.inputs["image"]))
+            txt.append(model.encode_text(b.inputs["text"], b.text_len))
+            lab.append(b.labels)
     img, txt, lab = torch.cat(img), torch.cat(txt), torch.cat(lab)
     direct = retrieval_metrics(img, txt, lab, lab)
     for k in ("R@1", "R@5", "R@10", "median_rank"):
@@ -105,10 +101,11 @@ def _worker(rank, port, export, data, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    from mmpretrain.evaluate import evaluate_model, load_for_eval
+    from mmpretrain.eval.suite import EvalOptions, EvalSuite
+    from mmpretrain.evaluate import load_for_eval
 
     model, cfg, tok = load_for_eval(export)
-    res = evaluate_model(model, cfg, tok, data, tasks=("retrieval", "zeroshot", "linear_probe", "captioning"))
+    res = EvalSuite(model, cfg, tok).run(data, EvalOptions(tasks=("retrieval", "zeroshot", "linear_probe", "captioning")))
     if rank == 0:
         Path(out).write_text(json.dumps(res))
     torch.distributed.barrier()
@@ -117,16 +114,15 @@ def _worker(rank, port, export, data, out):
 
 @pytest.mark.distributed
 def test_two_ranks_equal_one(setup):
-    from mmpretrain.evaluate import evaluate_model, load_for_eval
+    from mmpretrain.eval.suite import EvalOptions, EvalSuite
+    from mmpretrain.evaluate import load_for_eval
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = setup["root"] / "two.json"
-    mp.spawn(_worker, args=(port, setup["export"], setup["data"], str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), setup["export"], setup["data"], str(out)), nprocs=2, join=True)
     two = json.loads(out.read_text())
     model, cfg, tok = load_for_eval(setup["export"])
-    one = evaluate_model(model, cfg, tok, setup["data"], tasks=("retrieval", "zeroshot", "linear_probe", "captioning"))
+    one = EvalSuite(model, cfg, tok).run(setup["data"], EvalOptions(tasks=("retrieval", "zeroshot", "linear_probe",
+                                                                          "captioning")))
     one = json.loads(json.dumps(one))
     assert two["num_samples"] == one["num_samples"] == 64
     for k, v in one["retrieval"].items():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import faultkit
 import trainkit as tk
 from mmpretrain.checkpoint import complete_checkpoints, consolidated_state_dict
 
@@ -30,7 +31,7 @@ def train_and_embed(stage: int, data: Path, root: Path) -> Path:
         over = tk.tiny_overrides(out, data, "train.steps=3", f"train.zero_stage={stage}")
         cmd = [str(tk.VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(tk.free_port()),
                str(SCRIPT), str(out / "live_embeddings.pt"), str(data / "eval" / "eval-000000.tar"),
-               "--config", str(tk.REPO / "configs/demo.yaml"), *over]
+               "--config", str(tk.TINY_CONFIG), *over]
         with open(log, "wb") as f:
             rc = subprocess.run(cmd, cwd=tk.REPO, env=tk.env(), stdout=f, stderr=subprocess.STDOUT, timeout=300).returncode
         assert rc == 0, log.read_text()[-3000:]
@@ -136,7 +137,8 @@ def test_nonfinite_step_is_skipped_and_counted(stage, tiny_data, tmp_path):
     out, log = tmp_path / "run", tmp_path / "run.log"
     over = tk.tiny_overrides(out, tiny_data, "train.steps=4", "train.save_every=1", "train.keep_last=10",
                              f"train.zero_stage={stage}")
-    assert tk.run("single", 1, over, log, MMPRETRAIN_FAULT_NAN_IMAGE_STEPS="3") == 0, log.read_text()[-3000:]
+    over.append(faultkit.plugin("nan_image"))  # one NaN image on rank 0 at step 3
+    assert tk.run("single", 1, over, log, **{faultkit.NAN_IMAGE_VAR: "3"}) == 0, log.read_text()[-3000:]
     rows = {r["step"]: r for r in tk.train_rows(out)}
     assert [rows[s]["nonfinite_steps"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
     ckpts = {int(p.name[5:]): p for p in complete_checkpoints(out / "checkpoints")}
@@ -151,7 +153,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_naming_the_term(tiny_data, tmp
     out, log = tmp_path / "run", tmp_path / "run.log"
     over = tk.tiny_overrides(out, tiny_data, "train.steps=8", "train.save_every=1", "train.max_nonfinite_steps=3",
                              "train.zero_stage=2")
-    rc = tk.run("torchrun", 2, over, log, MMPRETRAIN_FAULT_NAN_IMAGE_STEPS="3,4,5")
+    rc = tk.run("torchrun", 2, [*over, faultkit.plugin("nan_image")], log, **{faultkit.NAN_IMAGE_VAR: "3,4,5"})
     assert rc != 0, log.read_text()[-3000:]
     text = (out / "logs" / "rank0.log").read_text()
     line = next(ln for ln in text.splitlines() if "consecutive steps" in ln)

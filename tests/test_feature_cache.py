@@ -2,7 +2,6 @@
 3) the gradient equals that of one process on the whole big batch, contrastive and captioning
 terms together; plain accumulation does not (so the comparison can fail)."""
 import os
-import socket
 import sys
 
 import pytest
@@ -11,6 +10,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "models"))
 from tiny import fake_batch, tiny_cfg  # noqa: E402
+from trainkit import free_port  # noqa: E402
+
+from mmpretrain.modalities import Batch  # noqa: E402
 
 WORLD, ACCUM, MB = 2, 3, 4
 DROP = ("audio", "text")
@@ -22,7 +24,14 @@ def _batches(rank):
 
 
 def _concat(batches):
-    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    """The batches' rows one after another, as one Batch."""
+    def cat(field):
+        return {k: torch.cat([getattr(b, field)[k] for b in batches]) for k in getattr(batches[0], field)}
+
+    return Batch(keys=[k for b in batches for k in b.keys], sources=[s for b in batches for s in b.sources],
+                 epochs=[e for b in batches for e in b.epochs], inputs=cat("inputs"), masks=cat("masks"),
+                 text_len=torch.cat([b.text_len for b in batches]), captions=cat("captions"),
+                 caption_len=cat("caption_len"), labels=torch.cat([b.labels for b in batches]))
 
 
 def _fresh_model(cfg):
@@ -68,19 +77,13 @@ def _worker(rank, port, out_file, stages):
     torch.distributed.barrier()
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_feature_cache_gradient_equals_big_batch(tmp_path):
     from mmpretrain.engine import TrainModule
 
     stages = (2, 3)
     out = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(_port(), str(out), stages), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out), stages), nprocs=WORLD, join=True)
     res = torch.load(out, weights_only=False)
     cfg = tiny_cfg(*OVERRIDES)
     model = _fresh_model(cfg)
@@ -117,7 +120,7 @@ def test_rng_replay_reproduces_cached_features_with_dropout():
             out = model(b)
         s = cache.offsets[i]
         for m in ("image", "audio", "text"):
-            torch.testing.assert_close(out[m], cache.features[m][s: s + MB], rtol=0, atol=0)
+            torch.testing.assert_close(out.embeddings[m], cache.features[m][s: s + MB], rtol=0, atol=0)
     assert torch.equal(torch.get_rng_state(), before)  # the surrounding stream is untouched
     other = model(batches[1])  # without the replay dropout differs: the check above has teeth
-    assert not torch.allclose(other["image"], cache.features["image"][MB: 2 * MB])
+    assert not torch.allclose(other.embeddings["image"], cache.features["image"][MB: 2 * MB])

@@ -193,7 +193,8 @@ def test_cached_decoding_matches_full_forward():
     cfg, model = _model()
     b = fake_batch(cfg, 3)
     with torch.no_grad():
-        ctx, mask = caption_context(model, b["image"], b["audio"], audio_mask=torch.tensor([True, False, True]))
+        ctx, mask = caption_context(model, {"image": b.inputs["image"], "audio": b.inputs["audio"]},
+                                    {"audio": torch.tensor([True, False, True])})
         prefix = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(0))
         prefix[:, 0] = 257
         full = decoder_logits(model, prefix, ctx, mask)  # (3, 7, V)
@@ -209,23 +210,54 @@ def test_real_model_batched_captions_equal_single():
     from mmpretrain.data.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
-    batched = generate_captions(model, tok, image=b["image"], cfg=gcfg)
-    single = [generate_captions(model, tok, image=b["image"][i: i + 1], cfg=gcfg)[0] for i in range(4)]
+    batched = generate_captions(model, tok, {"image": b.inputs["image"]}, cfg=gcfg)
+    single = [generate_captions(model, tok, {"image": b.inputs["image"][i: i + 1]}, cfg=gcfg)[0] for i in range(4)]
     assert batched == single
-    ids = generate_ids(model, tok.bos_id, tok.eos_id, tok.pad_id, audio=b["audio"], cfg=GenerationConfig(max_new_tokens=100))
+    ids = generate_ids(model, tok.bos_id, tok.eos_id, tok.pad_id, {"audio": b.inputs["audio"]},
+                       cfg=GenerationConfig(max_new_tokens=100))
     assert ids.tokens.shape[1] <= cfg.data.text_max_len - 1  # capped by the text context
 
 
 def test_model_generate_method_and_sampling_on_real_model():
     cfg, model = _model(2)
     b = fake_batch(cfg, 3)
-    a = model.generate(image=b["image"], bos_id=257, eos_id=258, pad_id=256, max_new_tokens=6, num_beams=2)
-    ref = generate_ids(model, 257, 258, 256, image=b["image"], cfg=GenerationConfig(max_new_tokens=6, num_beams=2))
+    a = model.generate({"image": b.inputs["image"]}, bos_id=257, eos_id=258, pad_id=256, max_new_tokens=6, num_beams=2)
+    ref = generate_ids(model, 257, 258, 256, {"image": b.inputs["image"]},
+                       cfg=GenerationConfig(max_new_tokens=6, num_beams=2))
     assert torch.equal(a.tokens, ref.tokens)
-    s1 = model.generate(audio=b["audio"], bos_id=257, eos_id=258, pad_id=256, max_new_tokens=6, do_sample=True,
+    aud = {"audio": b.inputs["audio"]}
+    s1 = model.generate(aud, bos_id=257, eos_id=258, pad_id=256, max_new_tokens=6, do_sample=True,
                         top_p=0.9, temperature=1.5, seed=5)
-    s2 = model.generate(audio=b["audio"], bos_id=257, eos_id=258, pad_id=256, max_new_tokens=6, do_sample=True,
+    s2 = model.generate(aud, bos_id=257, eos_id=258, pad_id=256, max_new_tokens=6, do_sample=True,
                         top_p=0.9, temperature=1.5, seed=5)
     assert torch.equal(s1.tokens, s2.tokens)
     for i in range(3):  # BOS and PAD are never generated
         assert not set(s1.tokens[i, : s1.lengths[i]].tolist()) & {256, 257}
+
+
+def test_decoding_and_training_share_the_block_forward():
+    """One forward path: changing one Block's MLP changes both the training caption logits and the
+    tokens that cached decoding generates (a re-implemented decoding path would not notice)."""
+    cfg, model = _model(3)
+    b = fake_batch(cfg, 3)
+    tok_ids = dict(bos_id=257, eos_id=258, pad_id=256, max_new_tokens=8)
+    with torch.no_grad():
+        logits_before = model(b).caption.logits.clone()
+        gen_before = model.generate({"image": b.inputs["image"]}, **tok_ids)
+        for blk in (model.text.encoder.blocks[0], model.decoder.encoder.blocks[0]):
+            old = blk.mlp
+            blk.mlp = torch.nn.Sequential(old, torch.nn.Tanh(), torch.nn.Linear(old[-1].out_features,
+                                                                                old[-1].out_features))
+            torch.nn.init.normal_(blk.mlp[-1].weight, std=2.0)
+            logits_after = model(b).caption.logits
+            gen_after = model.generate({"image": b.inputs["image"]}, **tok_ids)
+            assert not torch.allclose(logits_before, logits_after), "training logits ignored the new MLP"
+            assert not torch.equal(gen_before.tokens, gen_after.tokens), "decoding ignored the new MLP"
+            # and decoding still equals the training forward's next-token argmax at every step
+            st_ctx = caption_context(model, {"image": b.inputs["image"]})
+            prefix = torch.cat([torch.full((3, 1), 257), gen_after.tokens[:, :4].clamp(max=255)], 1)
+            full = decoder_logits(model, prefix, *st_ctx)
+            st = CaptionState(model, *st_ctx)
+            for t in range(prefix.shape[1]):
+                torch.testing.assert_close(st.step(prefix[:, t]), full[:, t], rtol=1e-4, atol=1e-5)
+            blk.mlp = old

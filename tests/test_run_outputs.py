@@ -21,7 +21,7 @@ def test_two_process_run_writes_config_metrics_logs_and_wandb(tiny_data, tmp_pat
     assert tk.run("torchrun", 2, over, log, WANDB_MODE="offline") == 0, log.read_text()[-3000:]
 
     written = from_dict(yaml.safe_load((out / "config.yaml").read_text()))
-    assert to_dict(written) == to_dict(load_config(str(tk.REPO / "configs/demo.yaml"), over))
+    assert to_dict(written) == to_dict(load_config(str(tk.TINY_CONFIG), over))
 
     rows = tk.train_rows(out)
     assert [r["step"] for r in rows] == [2, 4]

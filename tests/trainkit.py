@@ -1,10 +1,11 @@
-"""Helpers for tests that run real training processes: tiny data, tiny config, launchers,
-metrics and the final weights of a run."""
+"""Helpers for tests that run real training processes: tiny data, the tiny config, free ports,
+launchers, metrics and the final weights of a run."""
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,10 +16,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+TINY_CONFIG = REPO / "configs" / "tiny_test.yaml"  # the one tiny test config (tests/models/tiny.py loads it too)
 
 
 def make_tiny_data(out: Path) -> Path:
-    """256 train samples in 4 shards + 64 eval, 32 px images, 0.25 s audio (~3 s)."""
+    """256 train samples in 4 shards + 64 eval, 32 px images, 0.25 s audio (~3 s); tests use the
+    session fixture `tiny_data` (tests/conftest.py), the SLURM tests a copy of their own."""
     if not (out / "eval" / "eval-000000.tar").exists():
         subprocess.run([sys.executable, str(REPO / "tools/make_demo_data.py"), "--out", str(out), "--train", "256",
                         "--eval", "64", "--shard-size", "64", "--image-size", "32", "--clip-seconds", "0.25"],
@@ -27,19 +30,11 @@ def make_tiny_data(out: Path) -> Path:
 
 
 def tiny_overrides(out_dir: Path, data: Path, *extra: str, eval_: bool = False) -> List[str]:
-    """A model that trains a step in well under a second on one CPU core."""
+    """Point TINY_CONFIG at the tiny shards (`make_tiny_data`) and a run directory; `extra` after."""
     return [
         f"run.output_dir={out_dir}",
         f"data.train=[{{name: tiny, urls: '{data}/train/train-{{000000..000003}}.tar'}}]",
-        f"data.eval_urls={data}/eval/eval-000000.tar" if eval_ else "data.eval_urls=null",
-        "data.num_workers=1", "data.image_size=32", "data.audio.clip_seconds=0.25", "data.text_max_len=32",
-        "data.shuffle_buffer=32",
-        "model.embed_dim=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
-        "model.vision.patch_size=8", "model.audio.width=32", "model.audio.depth=1", "model.audio.heads=2",
-        "model.audio.n_mels=16", "model.audio.patch_size=8", "model.text.width=32", "model.text.depth=1",
-        "model.text.heads=2",
-        "optim.lr=3e-3", "optim.warmup_steps=2", "train.micro_batch_size=8", "train.log_every=1",
-        "log.progress=false",
+        *([f"data.eval_urls={data}/eval/eval-000000.tar"] if eval_ else []),
         *extra,
     ]
 
@@ -54,7 +49,7 @@ def env(**extra: str) -> Dict[str, str]:
 
 
 def launch_cmd(launcher: str, nproc: int, overrides: Sequence[str], port: int) -> List[str]:
-    cfg = ["--config", str(REPO / "configs/demo.yaml"), *overrides]
+    cfg = ["--config", str(TINY_CONFIG), *overrides]
     if launcher == "torchrun":
         return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port),
                 "-m", "mmpretrain.train", *cfg]
@@ -66,12 +61,18 @@ def launch_cmd(launcher: str, nproc: int, overrides: Sequence[str], port: int) -
     raise ValueError(launcher)
 
 
-_PORT = [29600 + (os.getpid() % 200) * 5]
+_GIVEN: set = set()
 
 
 def free_port() -> int:
-    _PORT[0] += 1
-    return _PORT[0]
+    """A TCP port the OS reports free (bind to port 0), never one this process handed out before."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def start(launcher: str, nproc: int, overrides: Sequence[str], log: Path, **env_extra: str) -> subprocess.Popen:

@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mmpretrain import modalities  # noqa: E402
 from mmpretrain.generation import generate_captions  # noqa: E402
 
 
@@ -70,26 +71,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gen = _gen_cfg(cfg.eval.generation, args)
     inf = InferenceModel(model, cfg, tok, next(model.parameters()).device)
     bs = max(1, args.batch_size)
-    for mod, files in (("image", args.image), ("audio", args.audio)):
+    for mod in modalities.captioned():
+        files = getattr(args, mod, None) or []
         for s in range(0, len(files), bs):
             chunk = files[s: s + bs]
-            x = inf.preprocess_images(chunk) if mod == "image" else inf.preprocess_audio(chunk)
-            caps = generate_captions(model, tok, **{mod: x}, cfg=gen)
+            caps = generate_captions(model, tok, {mod: inf.preprocess(mod, chunk)}, cfg=gen)
             _emit([{"modality": mod, "name": f, "caption": c} for f, c in zip(chunk, caps)], args.json)
     if args.shards:
         from mmpretrain.data.pipeline import build_eval_loader
 
         seen = 0
         for batch in build_eval_loader(args.shards, cfg, tok, batch_size=bs):
-            n = len(batch["key"])
+            n = len(batch)
             if args.limit:
                 n = min(n, args.limit - seen)
             rows = []
-            for mod in ("image", "audio"):
-                idx = batch[f"{mod}_mask"][:n].nonzero().flatten()
+            for mod in modalities.captioned():
+                idx = batch.masks[mod][:n].nonzero().flatten()
                 if idx.numel():
-                    caps = generate_captions(model, tok, **{mod: batch[mod][idx]}, cfg=gen)
-                    rows += [{"modality": mod, "name": batch["key"][i], "caption": c} for i, c in zip(idx.tolist(), caps)]
+                    caps = generate_captions(model, tok, {mod: batch.select(idx.tolist()).inputs[mod]}, cfg=gen)
+                    rows += [{"modality": mod, "name": batch.keys[i], "caption": c} for i, c in zip(idx.tolist(), caps)]
             _emit(sorted(rows, key=lambda r: (r["name"], r["modality"])), args.json)
             seen += n
             if args.limit and seen >= args.limit:

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from mmpretrain import modalities as M  # noqa: E402
 from mmpretrain.config import SourceConfig  # noqa: E402
 from mmpretrain.data.samples import parse_source  # noqa: E402
 from mmpretrain.data.shards import expand_urls, read_shard, shard_name  # noqa: E402
@@ -40,10 +41,10 @@ def inspect(urls: str, limit: Optional[int] = None, max_pixels: int = 50_000_000
                 errors[raw.error] += 1
                 continue
             f = raw.files
-            img = next((f[e] for e in spec.image_keys if e in f), None)
-            aud = next((f[e] for e in spec.audio_keys if e in f), None)
-            txt = _text(f, errors)
-            kinds = "+".join(k for k, v in (("image", img), ("audio", aud), ("text", txt)) if v)
+            found = {name: next((f[e] for e in keys if e in f), None) for name, keys in spec.media_keys.items()}
+            found[M.TEXT] = _text(f, errors)
+            kinds = "+".join(k for k, v in found.items() if v)
+            img, aud = found.get("image"), found.get("audio")  # the header checks below know these two
             counts[kinds or "empty"] += 1
             if img is not None:
                 try:

@@ -264,18 +264,3 @@ def shard_urls(out: str, split: str) -> str:
         return str(Path(out) / split / names[0])
     first, last = names[0][len(split) + 1:-4], names[-1][len(split) + 1:-4]
     return str(Path(out) / split / f"{split}-{{{first}..{last}}}.tar")
-
-
-def decode_members(members: Dict[str, bytes]) -> dict:
-    """Decode one sample's members (ext -> bytes) into arrays/strings; for tests and inspection."""
-    out: dict = {}
-    for ext, data in members.items():
-        if ext in ("png", "jpg"):
-            out["image"] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        elif ext in ("flac", "wav"):
-            out["audio"], out["sample_rate"] = sf.read(io.BytesIO(data), dtype="float32")
-        elif ext == "json":
-            out["json"] = json.loads(data)
-        elif ext in ("txt", "cls"):
-            out[ext] = data.decode()
-    return out

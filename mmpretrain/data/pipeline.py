@@ -199,10 +199,10 @@ def _sum_stats(states: List[Optional[Dict[str, Any]]], names: List[str]) -> Dict
             "epoch": epochs[names[0]] if names else 0, "epoch_per_source": epochs}
 
 
-def _fingerprint(cfg: Any) -> Dict[str, Any]:
+def _fingerprint(cfg: Any, seed: int) -> Dict[str, Any]:
     d = cfg.data
     return {"sources": [{k: v for k, v in dataclasses.asdict(s).items()} for s in d.train],
-            "seed": cfg.run.seed, "micro_batch_size": cfg.train.micro_batch_size,
+            "seed": seed, "micro_batch_size": cfg.train.micro_batch_size,
             "shuffle_buffer": d.shuffle_buffer, "shard_shuffle": d.shard_shuffle, "resampled": d.resampled}
 
 
@@ -212,9 +212,12 @@ class TrainLoader:
     state_dict() is per rank (small, JSON-serializable): gather all ranks' dicts and save
     them, or save each rank's own; load_state_dict accepts either one rank's dict or
     {"ranks": [dict per rank]}. A state from another world size, worker count or data
-    config is refused (DataError) - positions would not mean the same samples."""
+    config is refused (DataError) - positions would not mean the same samples.
 
-    def __init__(self, cfg: Any, rank: int, world_size: int, tokenizer: Any):
+    `seed` seeds the data stream (shard order, shuffle buffers, mixing, augmentation); default
+    cfg.run.seed. A trainer resuming on another world size passes a moved-on seed."""
+
+    def __init__(self, cfg: Any, rank: int, world_size: int, tokenizer: Any, seed: Optional[int] = None):
         if not cfg.data.train:
             raise DataError("config key 'data.train' lists no sources")
         if not 0 <= rank < world_size:
@@ -222,7 +225,8 @@ class TrainLoader:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.num_workers = int(cfg.data.num_workers)
         self.workers = max(1, self.num_workers)
-        self.plan = Plan(cfg.data, tokenizer, _plan_sources(cfg.data.train, cfg.data.resampled), int(cfg.run.seed),
+        self.seed = int(cfg.run.seed if seed is None else seed)
+        self.plan = Plan(cfg.data, tokenizer, _plan_sources(cfg.data.train, cfg.data.resampled), self.seed,
                          int(cfg.train.micro_batch_size), rank, world_size, self.workers, True,
                          bool(cfg.data.resampled), int(cfg.data.shuffle_buffer))
         self.names = [sp.spec.name for sp in self.plan.sources]
@@ -248,7 +252,7 @@ class TrainLoader:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self.workers, "consumed": self._consumed, "config": _fingerprint(self.cfg),
+                "num_workers": self.workers, "consumed": self._consumed, "config": _fingerprint(self.cfg, self.seed),
                 "workers": [None if s is None else {k: s[k] for k in ("batch", "streams", "epoch", "stats")}
                             for s in self._states]}
 
@@ -268,7 +272,7 @@ class TrainLoader:
                             f"{self.workers} (data.num_workers); exact resume needs the same count")
         if d["rank"] != self.rank:
             raise DataError(f"loader state belongs to rank {d['rank']}, not rank {self.rank}")
-        now = _fingerprint(self.cfg)
+        now = _fingerprint(self.cfg, self.seed)
         changed = [k for k in now if d["config"].get(k) != now[k]]
         if changed:
             raise DataError(f"data config changed since the loader state was saved ({', '.join(changed)}); "
@@ -287,9 +291,10 @@ class TrainLoader:
             it._shutdown_workers()
 
 
-def build_train_loader(cfg: Any, rank: int, world_size: int, tokenizer: Any) -> TrainLoader:
-    """Endless batches of cfg.train.micro_batch_size for this rank (see TrainLoader)."""
-    return TrainLoader(cfg, rank, world_size, tokenizer)
+def build_train_loader(cfg: Any, rank: int, world_size: int, tokenizer: Any, seed: Optional[int] = None) -> TrainLoader:
+    """Endless batches of cfg.train.micro_batch_size for this rank (see TrainLoader); `seed`:
+    the data seed, default cfg.run.seed."""
+    return TrainLoader(cfg, rank, world_size, tokenizer, seed)
 
 
 class EvalLoader:

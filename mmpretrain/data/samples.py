@@ -9,10 +9,11 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import numpy as np
 import torch
 
-from .decode import DecodeError, decode_audio, decode_image
-from .shards import RawSample
+# the registry imports data.decode; samples reads it at call time only (M.Batch, M.get)
+from mmpretrain import modalities as M
 
-MODALITIES = ("image", "audio", "text")
+from .decode import DecodeError
+from .shards import RawSample
 
 
 @dataclass
@@ -21,27 +22,33 @@ class SourceSpec:
 
     name: str
     index: int
-    image_keys: List[str]
-    audio_keys: List[str]
+    media_keys: Dict[str, List[str]]  # media modality -> extensions, first match wins
     text_keys: List[Tuple[str, Optional[str]]]  # (extension, json field or None)
     required: Set[str] = field(default_factory=set)
 
 
+def _exts(s: str) -> List[str]:
+    return [e.strip().lower().lstrip(".") for e in (s or "").split(";") if e.strip()]
+
+
+def member_keys(src: Any, m: M.Modality) -> str:
+    """A source's member extensions for `m`: its `<name>_keys` config key where the schema has
+    one, else the modality's registered default."""
+    return getattr(src, f"{m.name}_keys", None) or m.member_keys
+
+
 def parse_source(src: Any, index: int) -> SourceSpec:
     """SourceConfig -> SourceSpec; the key strings are `;`-separated extension lists."""
-
-    def exts(s: str) -> List[str]:
-        return [e.strip().lower().lstrip(".") for e in (s or "").split(";") if e.strip()]
-
     text = []
-    for e in exts(src.text_keys):
+    for e in _exts(member_keys(src, M.get(M.TEXT))):
         ext, _, fld = e.partition(":")
         text.append((ext, fld or None))
-    required = set(exts(getattr(src, "required", "")))
-    bad = required - set(MODALITIES)
+    required = set(_exts(getattr(src, "required", "")))
+    bad = required - set(M.names())
     if bad:
-        raise ValueError(f"source '{src.name}': required modalities {sorted(bad)} not in {MODALITIES}")
-    return SourceSpec(src.name, index, exts(src.image_keys), exts(src.audio_keys), text, required)
+        raise ValueError(f"source '{src.name}': required modalities {sorted(bad)} not in {M.names()}")
+    media = {m.name: _exts(member_keys(src, m)) for m in M.media()}
+    return SourceSpec(src.name, index, media, text, required)
 
 
 @dataclass
@@ -51,11 +58,9 @@ class Prepared:
     key: str
     source: str
     url: str
-    image: Optional[bytes]
-    audio: Optional[bytes]
+    media: Dict[str, bytes]  # present media modalities only
     text: Optional[List[int]]
-    caption_image: Optional[List[int]]
-    caption_audio: Optional[List[int]]
+    captions: Dict[str, Optional[List[int]]]  # captioned modality -> token ids
     label: int
 
 
@@ -64,11 +69,9 @@ class Example:
     key: str
     source: str
     epoch: int
-    image: Optional[np.ndarray]
-    audio: Optional[np.ndarray]
+    media: Dict[str, np.ndarray]  # present media modalities only
     text: Optional[List[int]]
-    caption_image: Optional[List[int]]
-    caption_audio: Optional[List[int]]
+    captions: Dict[str, Optional[List[int]]]
     label: int
 
 
@@ -110,9 +113,12 @@ class SampleProcessor:
             if isinstance(value, str) and value.strip():
                 caption = value.strip()
                 break
-        image = next((files[e] for e in spec.image_keys if e in files), None)
-        audio = next((files[e] for e in spec.audio_keys if e in files), None)
-        present = {"image": image is not None, "audio": audio is not None, "text": caption is not None}
+        media = {}
+        for name, keys in spec.media_keys.items():
+            found = next((files[e] for e in keys if e in files), None)
+            if found is not None:
+                media[name] = found
+        present = {name: name in media for name in spec.media_keys} | {M.TEXT: caption is not None}
         if not any(present.values()):
             raise DecodeError("empty", f"members {sorted(files)}")
         for mod in sorted(spec.required):
@@ -120,9 +126,8 @@ class SampleProcessor:
                 raise DecodeError(f"missing_{mod}", f"members {sorted(files)}")
         text = self._tok(caption)
         return Prepared(
-            key=raw.key, source=spec.name, url=raw.url, image=image, audio=audio, text=text,
-            caption_image=self._tok(meta.get("caption_image")) or text,
-            caption_audio=self._tok(meta.get("caption_audio")) or text,
+            key=raw.key, source=spec.name, url=raw.url, media=media, text=text,
+            captions={m: self._tok(meta.get(f"caption_{m}")) or text for m in M.captioned()},
             label=_label(meta, files),
         )
 
@@ -133,16 +138,12 @@ class SampleProcessor:
 
     def decode(self, p: Prepared, epoch: int, aug_seed: Tuple[int, ...]) -> Example:
         """Decode media; training augmentation is seeded by the sample's stream position."""
-        cfg = self.cfg
-        image = audio = None
-        if p.image is not None:
-            rng = np.random.default_rng([*aug_seed, 1]) if self.train and cfg.train_augment else None
-            image = decode_image(p.image, cfg.image_size, rng, max_pixels=cfg.max_image_pixels,
-                                 min_scale=cfg.crop_min_scale, hflip=cfg.hflip)
-        if p.audio is not None:
-            rng = np.random.default_rng([*aug_seed, 2]) if self.train and cfg.train_augment else None
-            audio = decode_audio(p.audio, cfg.audio.sample_rate, cfg.audio.clip_seconds, rng)
-        return Example(p.key, p.source, epoch, image, audio, p.text, p.caption_image, p.caption_audio, p.label)
+        arrays = {}
+        for name, data in p.media.items():
+            m = M.get(name)
+            rng = np.random.default_rng([*aug_seed, m.aug_stream]) if self.train and self.cfg.train_augment else None
+            arrays[name] = m.decode(data, self.cfg, rng)
+        return Example(p.key, p.source, epoch, arrays, p.text, p.captions, p.label)
 
 
 def _json_field(b: bytes, fld: str) -> Any:
@@ -165,40 +166,38 @@ def _label(meta: Dict[str, Any], files: Dict[str, bytes]) -> int:
     return -1 if v is None else int(v)
 
 
-def collate(examples: List[Example], data_cfg: Any, pad_id: int) -> Dict[str, Any]:
-    """Examples -> the batch dict the training loop reads (zeros + False mask where absent)."""
-    b, s, L = len(examples), int(data_cfg.image_size), int(data_cfg.text_max_len)
-    n = int(data_cfg.audio.sample_rate * data_cfg.audio.clip_seconds)
-    image = torch.zeros(b, 3, s, s)
-    audio = torch.zeros(b, n)
-    image_mask = torch.zeros(b, dtype=torch.bool)
-    audio_mask = torch.zeros(b, dtype=torch.bool)
-    for i, ex in enumerate(examples):
-        if ex.image is not None:
-            image[i] = torch.from_numpy(ex.image)
-            image_mask[i] = True
-        if ex.audio is not None:
-            audio[i] = torch.from_numpy(ex.audio)
-            audio_mask[i] = True
-    batch: Dict[str, Any] = {
-        "key": [ex.key for ex in examples],
-        "source": [ex.source for ex in examples],
-        "epoch": [ex.epoch for ex in examples],
-        "image": image, "image_mask": image_mask,
-        "audio": audio, "audio_mask": audio_mask,
-        "label": torch.tensor([ex.label for ex in examples], dtype=torch.long),
-    }
-    for name in ("text", "caption_image", "caption_audio"):
-        ids = torch.full((b, L), pad_id, dtype=torch.long)
-        lens = torch.zeros(b, dtype=torch.long)
+def _token_matrix(seqs: List[Optional[List[int]]], L: int, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    lens = torch.zeros(len(seqs), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        if seq:
+            seq = seq[:L]
+            ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            lens[i] = len(seq)
+    return ids, lens
+
+
+def collate(examples: List[Example], data_cfg: Any, pad_id: int) -> M.Batch:
+    """Examples -> the Batch every later stage reads (zeros + False mask where absent)."""
+    b, L = len(examples), int(data_cfg.text_max_len)
+    inputs: Dict[str, torch.Tensor] = {}
+    masks: Dict[str, torch.Tensor] = {}
+    for m in M.media():
+        x = torch.zeros(b, *m.sample_shape(data_cfg))
+        mask = torch.zeros(b, dtype=torch.bool)
         for i, ex in enumerate(examples):
-            seq = getattr(ex, name)
-            if seq:
-                seq = seq[:L]
-                ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                lens[i] = len(seq)
-        batch[name] = ids
-        batch[f"{name}_len"] = lens
-        if name == "text":
-            batch["text_mask"] = lens > 0
-    return batch
+            if m.name in ex.media:
+                x[i] = torch.from_numpy(ex.media[m.name])
+                mask[i] = True
+        inputs[m.name], masks[m.name] = x, mask
+    inputs[M.TEXT], text_len = _token_matrix([ex.text for ex in examples], L, pad_id)
+    masks[M.TEXT] = text_len > 0
+    captions, caption_len = {}, {}
+    for m in M.captioned():
+        captions[m], caption_len[m] = _token_matrix([ex.captions.get(m) for ex in examples], L, pad_id)
+    return M.Batch(
+        keys=[ex.key for ex in examples], sources=[ex.source for ex in examples],
+        epochs=[ex.epoch for ex in examples], inputs=inputs, masks=masks, text_len=text_len,
+        captions=captions, caption_len=caption_len,
+        labels=torch.tensor([ex.label for ex in examples], dtype=torch.long),
+    )

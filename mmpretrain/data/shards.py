@@ -14,13 +14,7 @@ import braceexpand
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-# Counters for I/O done by this process (read by tests and the benchmark).
-IO_COUNTERS: Dict[str, int] = {"bytes": 0, "samples": 0, "opens": 0}
-
-
-def reset_io_counters() -> None:
-    for k in IO_COUNTERS:
-        IO_COUNTERS[k] = 0
+from mmpretrain import faults
 
 
 class ShardError(RuntimeError):
@@ -122,14 +116,15 @@ def count_samples(path: str) -> int:
 
 
 class _CountingFile:
-    """File wrapper that counts bytes read (for resume-cost accounting)."""
+    """File wrapper that reports bytes read to the `shards.bytes_read` probe (resume-cost tests);
+    used only while a hook is registered there."""
 
-    def __init__(self, f):
-        self.f = f
+    def __init__(self, f, url: str):
+        self.f, self.url = f, url
 
     def read(self, n: int = -1) -> bytes:
         b = self.f.read(n)
-        IO_COUNTERS["bytes"] += len(b)
+        faults.point("shards.bytes_read", url=self.url, n=len(b))
         return b
 
     def __getattr__(self, name):
@@ -175,7 +170,7 @@ def read_shard(url: str, start: int = 0, count: Optional[int] = None) -> Iterato
         for sample in gen:
             if count is not None and emitted >= count:
                 break
-            IO_COUNTERS["samples"] += 1
+            faults.point("shards.sample_read", url=url)
             emitted += 1
             yield sample
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
@@ -192,11 +187,11 @@ def read_shard(url: str, start: int = 0, count: Optional[int] = None) -> Iterato
 
 
 def _read(url: str, start: int) -> Iterator[RawSample]:
-    IO_COUNTERS["opens"] += 1
+    faults.point("shards.open", url=url)
     path = local_path(url)
     raw = open(path, "rb") if path is not None else gopen(url, "rb")
     try:
-        f = _CountingFile(raw)
+        f = _CountingFile(raw, url) if faults.active("shards.bytes_read") else raw
         # seekable local file: "r:" skips data of members we do not extract
         tf = tarfile.open(fileobj=f, mode="r:" if path is not None else "r|")
         index, cur = -1, None

@@ -10,7 +10,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from mmpretrain import distributed as D
+from mmpretrain import modalities as M
 from mmpretrain.config import GenerationConfig
+from mmpretrain.data import demo
+from mmpretrain.generation import generate_captions
+from mmpretrain.models import build_model
 
 _PUNCT = re.compile(r"[^\w\s-]")
 
@@ -101,8 +105,6 @@ def attribute_accuracy(predictions: Sequence[str], references: Sequence[str],
 
 def demo_attribute_groups(modality: str) -> Dict[str, List[str]]:
     """Attribute vocabularies of the demo data's image and audio captions."""
-    from mmpretrain.data import demo
-
     if modality == "image":
         return {"colour": list(demo.COLOURS), "shape": list(demo.SHAPES)}
     return {"timbre": list(demo.WAVE_WORDS.values()), "pitch": list(demo.PITCH_WORD.values())}
@@ -120,13 +122,13 @@ def _generation_model(model: torch.nn.Module):
     if not params:
         yield model
         return
+    # lazy: importing DeepSpeed logs to stdout (its handler binds sys.stdout at import), and the eval
+    # and caption CLIs print JSON there; ZeRO-3 parameters mean DeepSpeed is loaded already anyway
     import deepspeed
-
-    from mmpretrain.models import build_model
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         state = {n: p.detach().clone() for n, p in model.named_parameters()}
-    replica = build_model(model.cfg, model.text.tok.num_embeddings)
+    replica = build_model(model.cfg, model.vocab_size)
     replica.load_state_dict(state)  # the only buffers (mel filters) are non-persistent, rebuilt above
     yield replica.to(params[0].device).eval()
 
@@ -134,11 +136,10 @@ def _generation_model(model: torch.nn.Module):
 @torch.no_grad()
 def caption_split(model: torch.nn.Module, loader, tokenizer, device: torch.device, dtype: torch.dtype,
                   gen_cfg: Optional[GenerationConfig] = None, max_samples: int = 0,
-                  modalities: Sequence[str] = ("image", "audio")) -> Dict[str, List[Dict[str, str]]]:
-    """Caption each modality of this rank's samples (at most max_samples / world per rank when
-    max_samples > 0) and gather every rank's records: {m: [{'key', 'prediction', 'reference'}]}."""
-    from mmpretrain.generation import generate_captions
-
+                  modalities: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, str]]]:
+    """Caption each captioned modality of this rank's samples (at most max_samples / world per rank
+    when max_samples > 0) and gather every rank's records: {m: [{'key', 'prediction', 'reference'}]}."""
+    modalities = list(modalities) if modalities is not None else M.captioned()
     per_rank = -(-max_samples // D.world_size()) if max_samples > 0 else None
     recs: Dict[str, List[Dict[str, str]]] = {m: [] for m in modalities}
     was = model.training
@@ -146,7 +147,7 @@ def caption_split(model: torch.nn.Module, loader, tokenizer, device: torch.devic
     with _generation_model(model) as gm:
         for batch in loader:
             for m in modalities:
-                have = batch[f"{m}_mask"].bool() & (batch[f"caption_{m}_len"] > 1)
+                have = batch.masks[m].bool() & (batch.caption_len[m] > 1)
                 if per_rank is not None:
                     room = per_rank - len(recs[m])
                     idx = have.nonzero().flatten()[: max(room, 0)]
@@ -154,12 +155,11 @@ def caption_split(model: torch.nn.Module, loader, tokenizer, device: torch.devic
                     idx = have.nonzero().flatten()
                 if idx.numel() == 0:
                     continue
-                x = batch[m][idx].to(device)
-                x = x.to(dtype) if m == "image" else x.float()
-                preds = generate_captions(gm, tokenizer, **{m: x}, cfg=gen_cfg)
+                x = batch.select(idx.tolist()).to(device, dtype).inputs[m]
+                preds = generate_captions(gm, tokenizer, {m: x}, cfg=gen_cfg)
                 for j, i in enumerate(idx.tolist()):
-                    ids = batch[f"caption_{m}"][i, 1: int(batch[f"caption_{m}_len"][i]) - 1].tolist()
-                    recs[m].append({"key": batch["key"][i], "prediction": preds[j], "reference": tokenizer.decode(ids)})
+                    ids = batch.captions[m][i, 1: int(batch.caption_len[m][i]) - 1].tolist()
+                    recs[m].append({"key": batch.keys[i], "prediction": preds[j], "reference": tokenizer.decode(ids)})
             if per_rank is not None and all(len(v) >= per_rank for v in recs.values()):
                 break
     model.train(was)

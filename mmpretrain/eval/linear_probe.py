@@ -105,7 +105,7 @@ class AttentionFusionProbe(nn.Module):
 
 def linear_probe_report(embeddings: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], labels: torch.Tensor,
                         num_classes: int, train_idx: np.ndarray, test_idx: np.ndarray, l2: float = 1e-3,
-                        fuse: Sequence[str] = ("image", "audio")) -> Dict[str, Dict[str, object]]:
+                        fuse: Sequence[str] = ()) -> Dict[str, Dict[str, object]]:
     """Probes trained on `train_idx`, scored on `test_idx` (samples with a label in [0, C)):
     one per modality in `embeddings`, and for the `fuse` pair `<a>+<b>/concat` (samples having
     both) and `<a>+<b>/attention` (samples having either; also reports the mean attention weights)."""
@@ -130,7 +130,7 @@ def linear_probe_report(embeddings: Mapping[str, torch.Tensor], masks: Mapping[s
         x = e.cpu().double()
         run(m, masks[m].bool().cpu(), lambda a, b, x=x: (
             LogisticProbe(x.shape[1], num_classes).fit(x[a], y[a], l2)(x[b]).argmax(1), {}))
-    if all(m in embeddings for m in fuse):
+    if len(fuse) >= 2 and all(m in embeddings for m in fuse):
         xs = torch.stack([embeddings[m].cpu().double() for m in fuse], 1)  # (N, M, D)
         mk = torch.stack([masks[m].bool().cpu() for m in fuse], 1)  # (N, M)
         cat = xs.flatten(1)

@@ -1,9 +1,14 @@
 """Plain-text tables of eval results for the console."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-DIRECTIONS = ("image_to_text", "text_to_image", "audio_to_text", "text_to_audio", "image_to_audio", "audio_to_image")
+from mmpretrain import modalities as M
+
+
+def directions() -> List[str]:
+    """Both directions of every contrastive pair, in pair order."""
+    return [d for p in M.pairs() for d in (f"{p.a}_to_{p.b}", f"{p.b}_to_{p.a}")]
 
 
 def format_table(before: Optional[Dict[str, Any]], after: Dict[str, Any], ks=("R@1", "R@5")) -> str:
@@ -11,7 +16,7 @@ def format_table(before: Optional[Dict[str, Any]], after: Dict[str, Any], ks=("R
     cols += [(f"{k} after", after, k) for k in ks]
     head = f"{'direction':<16}" + "".join(f"{c[0]:>12}" for c in cols) + f"{'chance R@1':>12}"
     lines = [head, "-" * len(head)]
-    for d in DIRECTIONS:
+    for d in directions():
         if f"{d}/R@1" not in after:
             continue
         row = f"{d:<16}" + "".join(f"{src.get(f'{d}/{k}', float('nan')):>12.3f}" for _, src, k in cols)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-DEFAULT_ORDER = ("image", "audio", "text")
+from mmpretrain import modalities as M
 
 
 def _matching(q_lab: Optional[torch.Tensor], g_lab: Optional[torch.Tensor], q0: int, nq: int, ng: int,
@@ -138,8 +138,8 @@ def gather_features(t: torch.Tensor) -> torch.Tensor:
 
 
 def _pair_order(names: Iterable[str]) -> list:
-    names = list(names)
-    return [m for m in DEFAULT_ORDER if m in names] + sorted(m for m in names if m not in DEFAULT_ORDER)
+    names, order = list(names), M.names()  # registry order first
+    return [m for m in order if m in names] + sorted(m for m in names if m not in order)
 
 
 def retrieval_report(embeddings: Mapping[str, torch.Tensor], masks: Optional[Mapping[str, torch.Tensor]] = None,

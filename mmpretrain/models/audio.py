@@ -56,6 +56,7 @@ class LogMel(nn.Module):
 class AudioTransformer(nn.Module):
     def __init__(self, cfg: AudioTowerConfig, sample_rate: int, num_samples: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.width = cfg.width
         self.mel = LogMel(sample_rate, cfg.n_fft, cfg.hop_length, cfg.n_mels)
         frames = num_samples // cfg.hop_length + 1
         self.frames = frames - frames % cfg.patch_size  # crop to whole patches

@@ -1,6 +1,6 @@
-"""CoCa-style multimodal text decoder: attentional poolers summarise the image and audio
-tokens, modality embeddings tag them, and causal layers over the unimodal text states
-cross-attend to whichever modalities are present and predict the next caption token."""
+"""CoCa-style multimodal text decoder: attentional poolers summarise the tokens of each
+captioned modality, modality embeddings tag them, and causal layers over the unimodal text
+states cross-attend to whichever modalities are present and predict the next caption token."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -9,10 +9,8 @@ import torch
 import torch.nn as nn
 
 from mmpretrain.config import Config
-from mmpretrain.models.transformer import Encoder, init_weights
+from mmpretrain.models.transformer import DecodeCache, Encoder, init_weights
 from mmpretrain.ops.attention import attention
-
-MODALITIES = ("image", "audio")
 
 
 class AttentionalPooler(nn.Module):
@@ -57,22 +55,22 @@ class MultimodalDecoder(nn.Module):
     `context()` builds the cross-attention memory from the present modalities; `forward()`
     maps unimodal text states (B, L, W) to next-token logits (B, L, V)."""
 
-    def __init__(self, cfg: Config, vocab_size: int) -> None:
+    def __init__(self, cfg: Config, vocab_size: int, context_widths: Dict[str, int]) -> None:
+        """context_widths: captioned modality -> its tower's token width (in context order)."""
         super().__init__()
         m = cfg.model
         t = m.text
         width = t.width
         self.width = width
+        self.modalities = list(context_widths)
         self.poolers = nn.ModuleDict({
-            "image": AttentionalPooler(m.vision.width, width, t.heads, t.decoder_queries),
-            "audio": AttentionalPooler(m.audio.width, width, t.heads, t.decoder_queries),
-        })
-        self.modality_embed = nn.ParameterDict({k: nn.Parameter(torch.zeros(1, 1, width)) for k in MODALITIES})
+            k: AttentionalPooler(w, width, t.heads, t.decoder_queries) for k, w in context_widths.items()})
+        self.modality_embed = nn.ParameterDict({k: nn.Parameter(torch.zeros(1, 1, width)) for k in self.modalities})
         self.encoder = Encoder(width, t.decoder_depth, t.heads, t.mlp_ratio, m.dropout, cross=True)
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
         init_weights(self)
-        for k in MODALITIES:
+        for k in self.modalities:
             nn.init.normal_(self.modality_embed[k], std=0.02)
 
     def context(
@@ -86,7 +84,7 @@ class MultimodalDecoder(nn.Module):
         bool, which rows may attend to modality m (None = all). Returns (ctx (B, T, W),
         ctx_mask (B, T) bool); a row whose modalities are all masked attends to nothing."""
         parts, masks = [], []
-        for m in MODALITIES:
+        for m in self.modalities:
             tok = tokens.get(m)
             if tok is None:
                 continue
@@ -96,9 +94,25 @@ class MultimodalDecoder(nn.Module):
             parts.append(pooled)
             masks.append(k[:, None].expand(-1, pooled.shape[1]))
         if not parts:
-            raise ValueError("the decoder needs image or audio tokens")
+            raise ValueError(f"the decoder needs tokens of at least one of {self.modalities}")
         return torch.cat(parts, 1), torch.cat(masks, 1)
 
-    def forward(self, text_states: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
-        x = self.encoder(text_states, causal=True, context=ctx.to(text_states.dtype), context_mask=ctx_mask)
+    def new_cache(self) -> DecodeCache:
+        return DecodeCache(len(self.encoder.blocks))
+
+    def forward(self, text_states: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor,
+                cache: Optional[DecodeCache] = None) -> torch.Tensor:
+        """`cache`: incremental decoding; the context's keys / values are computed on the first call."""
+        x = self.encoder(text_states, causal=True, context=ctx.to(text_states.dtype), context_mask=ctx_mask,
+                         cache=cache)
         return self.head(self.ln_f(x))  # (B, L, V)
+
+    def stacked_context(self, tokens: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Memory for C x B caption rows from B samples' tokens of the C captioned modalities:
+        pool each modality once; rows [k B, (k+1) B) attend only to modality k's part."""
+        parts = [self.context({m: tokens[m]}, {})[0] for m in self.modalities]  # (B, Q_k, W) each
+        b = parts[0].shape[0]
+        ctx = torch.cat(parts, 1).repeat(len(parts), 1, 1)  # (C B, sum Q, W)
+        col_owner = torch.cat([torch.full((p.shape[1],), k, device=ctx.device) for k, p in enumerate(parts)])
+        row_owner = torch.arange(len(parts), device=ctx.device).repeat_interleave(b)
+        return ctx, col_owner[None, :] == row_owner[:, None]

@@ -1,88 +1,126 @@
-"""The tri-modal model: image, audio and text towers projected into one space, plus a
-learnable temperature (and SigLIP bias) per modality pair."""
+"""The multimodal model: one tower per registered modality (mmpretrain.modalities, picked by
+`model.<section>.kind`) projected into one space, a learnable temperature (and SigLIP bias) per
+modality pair, and the optional caption decoder. `forward` returns everything the losses need,
+caption logits included, so the losses are pure functions of tensors."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmpretrain.config import Config
-from mmpretrain.models.audio import AudioTransformer
-from mmpretrain.models.text import TextTransformer
+# the registry imports the tower modules of this package: read at call time (M.TEXT, M.pairs())
+from mmpretrain import modalities as M
+from mmpretrain.config import Config, GenerationConfig
+from mmpretrain.generation import generate_ids
+from mmpretrain.models.decoder import MultimodalDecoder
 from mmpretrain.models.transformer import init_weights
-from mmpretrain.models.vision import VisionTransformer
 
-PAIRS = ("image_text", "audio_text", "image_audio")
+
+@dataclass
+class CaptionOutput:
+    """Caption rows of the C captioned modalities stacked: rows [k B, (k+1) B) caption modality k."""
+
+    modalities: List[str]
+    logits: torch.Tensor  # (C B, L-1, V): prediction of token t+1 from tokens <= t
+    tokens: torch.Tensor  # (C B, L) BOS .. EOS, padded
+    lengths: torch.Tensor  # (C B,)
+    valid: torch.Tensor  # (C B,) bool: the modality is present and its caption has a token besides BOS
+
+
+@dataclass
+class ModelOutput:
+    embeddings: Dict[str, torch.Tensor]  # modality -> (B, E), unit norm
+    tokens: Dict[str, torch.Tensor]  # modality -> (B, N, W) tower tokens (text: every position's state)
+    scales: Dict[str, torch.Tensor]  # pair -> () logit scale, clamped
+    biases: Dict[str, torch.Tensor]  # pair -> () SigLIP bias
+    caption: Optional[CaptionOutput] = None
 
 
 class MultimodalModel(nn.Module):
     def __init__(self, cfg: Config, vocab_size: int) -> None:
         super().__init__()
-        m, d = cfg.model, cfg.data
-        self.cfg = cfg
-        num_samples = int(d.audio.sample_rate * d.audio.clip_seconds)
-        self.vision = VisionTransformer(m.vision, d.image_size, m.dropout)
-        self.audio = AudioTransformer(m.audio, d.audio.sample_rate, num_samples, m.dropout)
-        self.text = TextTransformer(m.text, vocab_size, d.text_max_len, m.dropout)
-        self.image_proj = nn.Linear(m.vision.width, m.embed_dim, bias=False)
-        self.audio_proj = nn.Linear(m.audio.width, m.embed_dim, bias=False)
-        self.text_proj = nn.Linear(m.text.width, m.embed_dim, bias=False)
+        m = cfg.model
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.towers = nn.ModuleDict({mod.name: M.build_tower(cfg, mod, vocab_size) for mod in M.all_modalities()})
+        self.proj = nn.ModuleDict({k: nn.Linear(t.width, m.embed_dim, bias=False) for k, t in self.towers.items()})
         init_weights(self)
         init_scale = math.log(1.0 / cfg.loss.init_temperature)
+        pairs = M.pair_names()
         # shape (1,), not 0-dim: DeepSpeed's parameter broadcast views tensors as bytes
-        self.logit_scale = nn.ParameterDict({p: nn.Parameter(torch.full((1,), init_scale)) for p in PAIRS})
+        self.logit_scale = nn.ParameterDict({p: nn.Parameter(torch.full((1,), init_scale)) for p in pairs})
         # SigLIP's bias starts at -10 (paper); unused (and zero-grad) under InfoNCE
-        self.logit_bias = nn.ParameterDict({p: nn.Parameter(torch.full((1,), -10.0)) for p in PAIRS})
+        self.logit_bias = nn.ParameterDict({p: nn.Parameter(torch.full((1,), -10.0)) for p in pairs})
         self.max_log_scale = math.log(cfg.loss.max_logit_scale)
-        self.decoder: Optional[nn.Module] = None
+        self.decoder: Optional[MultimodalDecoder] = None
         if m.text.decoder_depth > 0:
-            from mmpretrain.models.decoder import MultimodalDecoder
-
-            self.decoder = MultimodalDecoder(cfg, vocab_size)
+            self.decoder = MultimodalDecoder(cfg, vocab_size, {k: self.towers[k].width for k in M.captioned()})
 
     # ---- per-modality encoders (normalized embeddings), used by eval and inference
-    def encode_image(self, images: torch.Tensor, return_tokens: bool = False):
-        pooled, tokens = self.vision(images)
-        emb = F.normalize(self.image_proj(pooled), dim=-1)
+    def encode(self, modality: str, x: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+               return_tokens: bool = False) -> Any:
+        """x: the modality's batch input (text: ids with `lengths`) -> (B, E) unit vectors [, tokens]."""
+        tower = self.towers[modality]
+        pooled, tokens = tower(x, lengths) if modality == M.TEXT else tower(x)
+        emb = F.normalize(self.proj[modality](pooled), dim=-1)
         return (emb, tokens) if return_tokens else emb
 
-    def encode_audio(self, wav: torch.Tensor, return_tokens: bool = False):
-        pooled, tokens = self.audio(wav)
-        emb = F.normalize(self.audio_proj(pooled), dim=-1)
-        return (emb, tokens) if return_tokens else emb
+    def __getattr__(self, name: str) -> Any:
+        # encode_image(x), encode_text(ids, lengths), ... for every registered modality
+        if name.startswith("encode_") and name[7:] in M.names():
+            modality = name[7:]
+            return lambda x, *a, **k: self.encode(modality, x, *a, **k)
+        return super().__getattr__(name)
 
-    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor, return_tokens: bool = False):
-        pooled, states = self.text(tokens, lengths)
-        emb = F.normalize(self.text_proj(pooled), dim=-1)
-        return (emb, states) if return_tokens else emb
+    @property
+    def text(self) -> nn.Module:
+        """The text tower (the caption decoder reads its states)."""
+        return self.towers[M.TEXT]
 
-    def generate(self, image: Optional[torch.Tensor] = None, audio: Optional[torch.Tensor] = None, *, bos_id: int,
-                 eos_id: int, pad_id: int, image_mask: Optional[torch.Tensor] = None,
-                 audio_mask: Optional[torch.Tensor] = None, **gen_kwargs):
-        """Caption token ids for images and / or audio (mmpretrain.generation.generate_ids); gen_kwargs
-        are GenerationConfig fields (num_beams, do_sample, top_k, top_p, max_new_tokens, ...)."""
-        from mmpretrain.config import GenerationConfig
-        from mmpretrain.generation import generate_ids
-
-        return generate_ids(self, bos_id, eos_id, pad_id, image, audio, image_mask, audio_mask,
-                            GenerationConfig(**gen_kwargs))
+    def generate(self, inputs: Dict[str, torch.Tensor], masks: Optional[Dict[str, torch.Tensor]] = None, *,
+                 bos_id: int, eos_id: int, pad_id: int, **gen_kwargs: Any):
+        """Caption token ids for `inputs` (captioned modality -> batch input; several = fused
+        context) (mmpretrain.generation.generate_ids); gen_kwargs are GenerationConfig fields."""
+        return generate_ids(self, bos_id, eos_id, pad_id, inputs, masks, GenerationConfig(**gen_kwargs))
 
     def scale(self, pair: str) -> torch.Tensor:
         return self.logit_scale[pair].clamp(max=self.max_log_scale).exp().squeeze(0)
 
-    def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Every tower runs every step, present or not, so ZeRO's collectives line up."""
-        img, img_tok = self.encode_image(batch["image"], return_tokens=True)
-        aud, aud_tok = self.encode_audio(batch["audio"], return_tokens=True)
-        txt, txt_states = self.encode_text(batch["text"], batch["text_len"], return_tokens=True)
-        out = {"image": img, "audio": aud, "text": txt, "image_tokens": img_tok, "audio_tokens": aud_tok,
-               "text_states": txt_states}
-        for p in PAIRS:
-            out[f"scale/{p}"] = self.scale(p)
-            out[f"bias/{p}"] = self.logit_bias[p].squeeze(0)
+    def caption_context(self, tokens: Dict[str, torch.Tensor],
+                        masks: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decoder memory from tower tokens of captioned modalities (absent keys: not used)."""
+        if self.decoder is None:
+            raise ValueError("this model has no caption decoder (model.text.decoder_depth = 0)")
+        return self.decoder.context(tokens, dict(masks or {}))
+
+    def caption_logits(self, batch: M.Batch, tokens: Dict[str, torch.Tensor]) -> CaptionOutput:
+        """Teacher-forced next-token logits of every captioned modality's caption, each decoded from
+        that modality's tokens only (the other modalities are masked out of the cross-attention)."""
+        assert self.decoder is not None
+        mods = self.decoder.modalities
+        toks = torch.cat([batch.captions[m] for m in mods], 0)  # (C B, L)
+        lens = torch.cat([batch.caption_len[m] for m in mods], 0)
+        present = torch.cat([batch.masks[m].bool() for m in mods], 0)
+        _, states = self.text(toks, lens)  # unimodal causal layers, (C B, L, W)
+        ctx, ctx_mask = self.decoder.stacked_context({m: tokens[m] for m in mods})
+        logits = self.decoder(states[:, :-1], ctx, ctx_mask)  # (C B, L-1, V)
+        return CaptionOutput(mods, logits, toks, lens, present & (lens > 1))
+
+    def forward(self, batch: M.Batch, captions: bool = True) -> ModelOutput:
+        """Every tower runs every step, present or not, so ZeRO's collectives line up.
+        captions=False skips the decoder (the feature cache's no-grad pass)."""
+        emb, tok = {}, {}
+        for name in self.towers:
+            lengths = batch.text_len if name == M.TEXT else None
+            emb[name], tok[name] = self.encode(name, batch.inputs[name], lengths, return_tokens=True)
+        pairs = M.pair_names()
+        out = ModelOutput(emb, tok, {p: self.scale(p) for p in pairs},
+                          {p: self.logit_bias[p].squeeze(0) for p in pairs})
+        if captions and self.decoder is not None:
+            out.caption = self.caption_logits(batch, tok)
         return out
 
 

@@ -2,27 +2,40 @@
 (CLIP practice). Returns the pooled vector and every token's state for the decoder."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from mmpretrain.config import TextTowerConfig
-from mmpretrain.models.transformer import Encoder
+from mmpretrain.models.transformer import DecodeCache, Encoder
 
 
 class TextTransformer(nn.Module):
     def __init__(self, cfg: TextTowerConfig, vocab_size: int, context_len: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.width, self.context_len = cfg.width, context_len
         self.tok = nn.Embedding(vocab_size, cfg.width)
         self.pos = nn.Parameter(torch.randn(1, context_len, cfg.width) * 0.01)
         self.encoder = Encoder(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout)
         self.ln_post = nn.LayerNorm(cfg.width)
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        # tokens (B, L); lengths (B,) count BOS..EOS, 0 for absent text
-        x = self.tok(tokens) + self.pos[:, : tokens.shape[1]]
-        x = self.ln_post(self.encoder(x, causal=True))  # causal: padding after EOS is never seen
+    def new_cache(self) -> DecodeCache:
+        return DecodeCache(len(self.encoder.blocks))
+
+    def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                cache: Optional[DecodeCache] = None) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """tokens (B, L); lengths (B,) count BOS..EOS, 0 for absent text (None: no pooled output).
+        With `cache`, tokens continue the cached prefix (positions from cache.offset on)."""
+        start = cache.offset if cache is not None else 0
+        if start + tokens.shape[1] > self.context_len:
+            raise ValueError(f"text longer than the context ({self.context_len} tokens)")
+        x = self.tok(tokens) + self.pos[:, start: start + tokens.shape[1]]
+        x = self.ln_post(self.encoder(x, causal=True, cache=cache))  # causal: padding after EOS is never seen
+        if cache is not None:
+            cache.offset = start + tokens.shape[1]
+        if lengths is None:
+            return None, x
         eos = (lengths - 1).clamp(min=0)
         pooled = x[torch.arange(x.shape[0], device=x.device), eos]
         return pooled, x

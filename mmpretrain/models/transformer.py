@@ -1,12 +1,43 @@
-"""Pre-norm transformer blocks (self- and cross-attention) over ops.attention."""
+"""Pre-norm transformer blocks (self- and cross-attention) over ops.attention, with an
+optional key/value cache so incremental decoding runs the very same forward."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from mmpretrain.ops.attention import attention
+
+
+class LayerCache:
+    """One block's cached keys / values: self-attention grows by the tokens of each call,
+    cross-attention is computed from the context once. Tensors are (N, H, T, Dh)."""
+
+    __slots__ = ("self_kv", "cross_kv")
+
+    def __init__(self) -> None:
+        self.self_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.cross_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search reorders and repeats rows)."""
+        for slot in self.__slots__:
+            kv = getattr(self, slot)
+            if kv is not None:
+                setattr(self, slot, (kv[0].index_select(0, index), kv[1].index_select(0, index)))
+
+
+class DecodeCache:
+    """Caches of a stack of blocks plus the number of positions already decoded."""
+
+    def __init__(self, depth: int) -> None:
+        self.layers: List[LayerCache] = [LayerCache() for _ in range(depth)]
+        self.offset = 0
+
+    def select(self, index: torch.Tensor) -> None:
+        for c in self.layers:
+            c.select(index)
 
 
 class MultiheadAttention(nn.Module):
@@ -32,13 +63,27 @@ class MultiheadAttention(nn.Module):
         context: Optional[torch.Tensor] = None,
         causal: bool = False,
         key_padding_mask: Optional[torch.Tensor] = None,
+        cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
         if self.cross:
-            assert context is not None
             q = self._split(self.q(x))
-            k, v = (self._split(t) for t in self.kv(context).chunk(2, dim=-1))
+            if cache is not None and cache.cross_kv is not None:
+                k, v = cache.cross_kv
+            else:
+                assert context is not None
+                k, v = (self._split(t) for t in self.kv(context).chunk(2, dim=-1))
+                if cache is not None:
+                    cache.cross_kv = (k, v)
         else:
             q, k, v = (self._split(t) for t in self.qkv(x).chunk(3, dim=-1))
+            if cache is not None:
+                if cache.self_kv is not None:
+                    if q.shape[2] != 1:
+                        raise ValueError("a cached self-attention continues one token at a time")
+                    k = torch.cat([cache.self_kv[0], k], 2)
+                    v = torch.cat([cache.self_kv[1], v], 2)
+                    causal = False  # one new query after every cached key: nothing to mask
+                cache.self_kv = (k, v)
         o = attention(
             q, k, v, causal=causal, key_padding_mask=key_padding_mask,
             dropout_p=self.dropout if self.training else 0.0,
@@ -69,10 +114,11 @@ class Block(nn.Module):
         key_padding_mask: Optional[torch.Tensor] = None,
         context: Optional[torch.Tensor] = None,
         context_mask: Optional[torch.Tensor] = None,
+        cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), causal=causal, key_padding_mask=key_padding_mask)
+        x = x + self.attn(self.ln1(x), causal=causal, key_padding_mask=key_padding_mask, cache=cache)
         if self.cross is not None:
-            x = x + self.cross(self.ln_c(x), context=context, key_padding_mask=context_mask)
+            x = x + self.cross(self.ln_c(x), context=context, key_padding_mask=context_mask, cache=cache)
         return x + self.mlp(self.ln2(x))
 
 
@@ -81,9 +127,10 @@ class Encoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, cross) for _ in range(depth))
 
-    def forward(self, x: torch.Tensor, **kw) -> torch.Tensor:
-        for blk in self.blocks:
-            x = blk(x, **kw)
+    def forward(self, x: torch.Tensor, cache: Optional[DecodeCache] = None, **kw) -> torch.Tensor:
+        """`cache`: incremental decoding (see DecodeCache); the caller advances its offset."""
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cache=cache.layers[i] if cache is not None else None, **kw)
         return x
 
 

@@ -27,6 +27,7 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: TowerConfig, image_size: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.width = cfg.width
         if getattr(cfg, "stem", "patch") == "conv":
             self.patch = conv_stem(cfg.width, cfg.patch_size)
         else:

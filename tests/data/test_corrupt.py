@@ -54,7 +54,7 @@ def test_bad_input_counted_exactly(tmp_path):
     cfg.data.max_error_rate = 1.0
     src = SourceConfig(name="x", urls=url, required="text")
     loader = build_eval_loader(url, cfg, TOK, batch_size=3, source=src)
-    keys = [k for b in loader for k in b["key"]]
+    keys = [k for b in loader for k in b.keys]
     assert sorted(keys) == sorted([f"t{j}" for j in range(6)] + ["good1", "good2"])
     st = loader.stats()
     assert st["skipped"]["eval"] == EXPECTED and st["samples"] == 8 and st["seen"]["eval"] == 20

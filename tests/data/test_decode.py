@@ -29,25 +29,26 @@ def test_decoded_batch_values(tmp_path):
     cfg = make_cfg(str(tmp_path / "s-0.tar"))
     tok = build_tokenizer("bytes")
     (batch,) = list(build_eval_loader(str(tmp_path / "s-0.tar"), cfg, tok, batch_size=8))
-    assert batch["key"] == ["a", "b", "c"] and batch["source"] == ["eval"] * 3
-    assert batch["image"].shape == (3, 3, 16, 16) and batch["image"].dtype == torch.float32
-    assert batch["image_mask"].tolist() == [True, True, False]
-    assert batch["audio"].shape == (3, 2000) and batch["audio_mask"].tolist() == [False, True, True]
-    pix = batch["image"].numpy().transpose(0, 2, 3, 1) * CLIP_STD + CLIP_MEAN
+    assert batch.keys == ["a", "b", "c"] and batch.sources == ["eval"] * 3
+    assert batch.inputs["image"].shape == (3, 3, 16, 16) and batch.inputs["image"].dtype == torch.float32
+    assert batch.masks["image"].tolist() == [True, True, False]
+    assert batch.inputs["audio"].shape == (3, 2000) and batch.masks["audio"].tolist() == [False, True, True]
+    pix = batch.inputs["image"].numpy().transpose(0, 2, 3, 1) * CLIP_STD + CLIP_MEAN
     np.testing.assert_allclose(pix[0], np.broadcast_to([1, 0, 0], pix[0].shape), atol=1e-3)
     np.testing.assert_allclose(pix[1].mean((0, 1)), [0, 0, 1], atol=0.03)  # jpg: lossy
-    assert (batch["image"][2] == 0).all() and (batch["audio"][0] == 0).all()
+    assert (batch.inputs["image"][2] == 0).all() and (batch.inputs["audio"][0] == 0).all()
     # 440 Hz flac at 16 kHz resampled to 8 kHz; 1 kHz wav of 0.1 s repeat-padded to 0.25 s
-    assert abs(_peak_hz(batch["audio"][1].numpy(), 8000) - 440) < 8
-    assert abs(_peak_hz(batch["audio"][2].numpy(), 8000) - 1000) < 8
-    assert batch["audio"][2, :800].abs().max() > 0.3 and batch["audio"][2, 1600:].abs().max() > 0.3
-    assert batch["label"].tolist() == [-1, 3, -1]
-    texts = [tok.decode(batch["text"][i, : batch["text_len"][i]].tolist()) for i in range(3)]
+    audio, text, text_len = batch.inputs["audio"], batch.inputs["text"], batch.text_len
+    assert abs(_peak_hz(audio[1].numpy(), 8000) - 440) < 8
+    assert abs(_peak_hz(audio[2].numpy(), 8000) - 1000) < 8
+    assert audio[2, :800].abs().max() > 0.3 and audio[2, 1600:].abs().max() > 0.3
+    assert batch.labels.tolist() == [-1, 3, -1]
+    texts = [tok.decode(text[i, : text_len[i]].tolist()) for i in range(3)]
     assert texts == ["red square", "blue", "short tone"]
-    assert batch["text"][0, 0] == tok.bos_id and batch["text"][0, batch["text_len"][0] - 1] == tok.eos_id
-    assert batch["text"][0, batch["text_len"][0]:].eq(tok.pad_id).all() and batch["text_mask"].all()
-    cap_a = tok.decode(batch["caption_audio"][1, : batch["caption_audio_len"][1]].tolist())
-    cap_i = tok.decode(batch["caption_image"][1, : batch["caption_image_len"][1]].tolist())
+    assert text[0, 0] == tok.bos_id and text[0, text_len[0] - 1] == tok.eos_id
+    assert text[0, text_len[0]:].eq(tok.pad_id).all() and batch.masks["text"].all()
+    cap_a = tok.decode(batch.captions["audio"][1, : batch.caption_len["audio"][1]].tolist())
+    cap_i = tok.decode(batch.captions["image"][1, : batch.caption_len["image"][1]].tolist())
     assert (cap_a, cap_i) == ("a tone", "blue")  # caption_image falls back to the caption
 
 

@@ -17,7 +17,7 @@ def _epoch_keys(loaders, n_batches):
     for loader in loaders:
         for _ in range(n_batches):
             b = next(loader)
-            for k, e in zip(b["key"], b["epoch"]):
+            for k, e in zip(b.keys, b.epochs):
                 per_epoch.setdefault(e, []).append(k)
         loader.close()
     return per_epoch
@@ -53,11 +53,11 @@ def test_eval_each_sample_once(tmp_path):
     seen = []
     for r in range(2):
         for b in build_eval_loader(url, cfg, TOK, batch_size=4, rank=r, world_size=2):
-            seen += b["key"]
+            seen += b.keys
     assert len(seen) == 18 and len(set(seen)) == 18
     loader = build_eval_loader(url, cfg, TOK, 4)
-    first = [k for b in loader for k in b["key"]]
-    assert first == [k for b in loader for k in b["key"]] and len(first) == 18  # deterministic pass
+    first = [k for b in loader for k in b.keys]
+    assert first == [k for b in loader for k in b.keys] and len(first) == 18  # deterministic pass
     # no shuffle: each worker reads a contiguous range in shard order, batches alternate workers
     assert first[:4] == [f"shard00_{j:04d}" for j in range(4)] and loader.stats()["samples"] == 18
 

@@ -34,10 +34,10 @@ def test_mixing_by_weight(tmp_path):
     mixed, n_img = 0, 0
     for _ in range(40):
         b = next(loader)
-        is_img = [s == "images" for s in b["source"]]
+        is_img = [s == "images" for s in b.sources]
         n_img += sum(is_img)
         mixed += 0 < sum(is_img) < 16
-        assert b["image_mask"].tolist() == is_img and b["audio_mask"].tolist() == [not x for x in is_img]
+        assert b.masks["image"].tolist() == is_img and b.masks["audio"].tolist() == [not x for x in is_img]
     share = n_img / 640
     assert abs(share - 0.75) < 0.05, share  # binomial sd ~0.017
     assert mixed >= 35  # sources with different modality sets share batches
@@ -48,11 +48,11 @@ def test_mixing_by_weight(tmp_path):
 def test_same_seed_same_stream(tmp_path):
     cfg = _two_sources(tmp_path, batch=6, workers=0)
     a, b = build_train_loader(cfg, 0, 1, TOK), build_train_loader(cfg, 0, 1, TOK)
-    assert [next(a)["key"] for _ in range(5)] == [next(b)["key"] for _ in range(5)]
+    assert [next(a).keys for _ in range(5)] == [next(b).keys for _ in range(5)]
     a = build_train_loader(cfg, 0, 1, TOK)
     cfg.run.seed = 1
     c = build_train_loader(cfg, 0, 1, TOK)
-    assert [next(a)["key"] for _ in range(5)] != [next(c)["key"] for _ in range(5)]
+    assert [next(a).keys for _ in range(5)] != [next(c).keys for _ in range(5)]
 
 
 def test_changed_world_size_or_workers_refused(tmp_path):

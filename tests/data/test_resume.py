@@ -9,10 +9,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from faultkit import io_counters  # noqa: E402  (tests/, on sys.path through tests/conftest.py)
 from shardkit import make_cfg, make_shards  # noqa: E402
 
 from mmpretrain.data import build_train_loader, build_tokenizer  # noqa: E402
-from mmpretrain.data import shards as shards_mod  # noqa: E402
 from mmpretrain.data.samples import SampleProcessor  # noqa: E402
 
 TOK = build_tokenizer("bytes")
@@ -22,7 +22,7 @@ def _run(loader, n):
     out = []
     for _ in range(n):
         b = next(loader)
-        out.append((b["key"], b["epoch"], b["image"].clone(), b["audio"].clone()))
+        out.append((b.keys, b.epochs, b.inputs["image"].clone(), b.inputs["audio"].clone()))
     return out
 
 
@@ -70,13 +70,14 @@ def test_resume_cost_bounded(tmp_path, monkeypatch):
         expect = _run(loader, 1)[0][0]
         resumed = build_train_loader(cfg, 0, 1, TOK)
         resumed.load_state_dict(state)
-        shards_mod.reset_io_counters()
         decoded.clear()
-        assert next(resumed)["key"] == expect
-        costs[frac] = (dict(shards_mod.IO_COUNTERS), len(decoded))
+        with io_counters() as io:  # shard I/O of this process (workers=0) from here on
+            assert next(resumed).keys == expect
+        costs[frac] = (io, len(decoded))
     total_bytes = sum(os.path.getsize(tmp_path / f"shard-{i:05d}.tar") for i in range(4))
     for frac, (io, n_dec) in costs.items():
         assert n_dec == 4, (frac, n_dec)  # only the batch itself is decoded
+        assert io["opens"] >= 1 and io["samples"] >= 4 and io["bytes"] > 0, (frac, io)  # the probes saw the reads
         assert io["samples"] <= cfg.data.shuffle_buffer + 4, (frac, io)  # at most one window re-read
         assert io["bytes"] < 0.1 * total_bytes, (frac, io, total_bytes)  # headers of one shard + a window
     assert costs[0.9][0]["bytes"] < 3 * costs[0.1][0]["bytes"], costs

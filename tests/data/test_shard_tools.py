@@ -83,7 +83,7 @@ def test_folder_tree_to_shards_and_inspect(tmp_path):
     cfg = load_config(str(REPO / "configs/demo.yaml"), ["data.num_workers=0", "data.image_size=32",
                                                         "data.audio.clip_seconds=0.5"])
     loader = EvalLoader(str(out / "shard-{000000..000002}.tar"), cfg, ByteTokenizer(), batch_size=4)
-    keys = [k for b in loader for k in b["key"]]
+    keys = [k for b in loader for k in b.keys]
     assert sorted(keys) == sorted(k for k in samples if k != "bad")
     assert loader.stats()["skipped"] == {"eval": {"image_decode": 1}}
 

@@ -74,7 +74,7 @@ def test_report_metrics_match_sklearn_and_fusion_keys():
     masks["audio"][:20] = False
     labels = torch.tensor(y)
     tr, te = stratified_split(y, 0.5, seed=0)
-    rep = linear_probe_report(emb, masks, labels, 3, tr, te, l2=1e-3)
+    rep = linear_probe_report(emb, masks, labels, 3, tr, te, l2=1e-3, fuse=("image", "audio"))
     assert set(rep) == {"image", "audio", "image+audio/concat", "image+audio/attention"}
     pred = LogisticProbe(6, 3).fit(emb["image"][tr], labels[tr], 1e-3)(emb["image"][te]).argmax(1).numpy()
     assert rep["image"]["accuracy"] == pytest.approx(accuracy_score(y[te], pred))

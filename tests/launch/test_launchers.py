@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launchkit import REPO, TINY_CONFIG, free_port, tiny_overrides
+from trainkit import REPO, TINY_CONFIG, free_port, tiny_overrides
 
 STEPS = 10
 LAUNCHERS = ("torchrun", "deepspeed", "accelerate")
@@ -23,7 +23,7 @@ def _launch(launcher: str, data: Path, out: Path) -> float:
                NPROC_PER_NODE="2", NUM_GPUS="2", MASTER_PORT=str(free_port()))
     env.pop("MASTER_ADDR", None)
     cmd = ["bash", str(REPO / "launch" / f"{launcher}.sh"), "--config", str(TINY_CONFIG),
-           *tiny_overrides(data, out), f"train.steps={STEPS}", "train.save_every=5", "train.log_every=1"]
+           *tiny_overrides(out, data), f"train.steps={STEPS}", "train.save_every=5", "train.log_every=1"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{launcher} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -13,7 +13,7 @@ from mmpretrain.config import GenerationConfig  # noqa: E402
 from mmpretrain.data.tokenizer import ByteTokenizer  # noqa: E402
 from mmpretrain.engine import TrainModule  # noqa: E402
 from mmpretrain.generation import caption_context, decoder_logits, generate_captions  # noqa: E402
-from mmpretrain.losses import caption_loss, caption_targets  # noqa: E402
+from mmpretrain.losses import caption_loss  # noqa: E402
 from mmpretrain.models import build_model  # noqa: E402
 
 
@@ -27,10 +27,10 @@ def test_uniform_decoder_gives_log_vocab_and_counts_tokens():
     cfg, model = _model()
     torch.nn.init.zeros_(model.decoder.head.weight)  # uniform next-token distribution
     b = fake_batch(cfg, 4, drop=("audio",))
-    loss, m = caption_loss(model, model(b), b)
+    loss, m = caption_loss(model(b).caption)
     assert float(loss.detach()) == pytest.approx(torch.log(torch.tensor(259.0)).item(), rel=1e-5)
     # target tokens: (len - 1) per valid row; audio rows of odd samples are absent
-    want = int((b["caption_image_len"] - 1).sum() + (b["caption_audio_len"][0::2] - 1).sum())
+    want = int((b.caption_len["image"] - 1).sum() + (b.caption_len["audio"][0::2] - 1).sum())
     assert int(m["caption/tokens"]) == want
 
 
@@ -38,25 +38,27 @@ def test_padding_absent_rows_and_other_modality_do_not_matter():
     cfg, model = _model()
     model.eval()
     b = fake_batch(cfg, 4, drop=("audio",))
-    base, _ = caption_loss(model, model(b), b)
-    b2 = {k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()}
-    for k in ("caption_image", "caption_audio"):  # garbage after EOS
-        L = b2[k].shape[1]
+    base, _ = caption_loss(model(b).caption)
+    b2 = b.select(range(len(b)))  # a copy
+    for k in ("image", "audio"):  # garbage after EOS
+        caps, L = b2.captions[k], b2.captions[k].shape[1]
         pos = torch.arange(L)[None]
-        b2[k] = torch.where(pos >= b2[f"{k}_len"][:, None], torch.randint(0, 256, b2[k].shape), b2[k])
-    b2["caption_audio"][1] = torch.randint(0, 256, (b2["caption_audio"].shape[1],))  # absent audio: any caption
-    same, _ = caption_loss(model, model(b2), b2)
+        b2.captions[k] = torch.where(pos >= b2.caption_len[k][:, None], torch.randint(0, 256, caps.shape), caps)
+    b2.captions["audio"][1] = torch.randint(0, 256, (b2.captions["audio"].shape[1],))  # absent audio: any caption
+    same, _ = caption_loss(model(b2).caption)
     assert float(same.detach()) == pytest.approx(float(base.detach()), rel=1e-6)
     # image captions are decoded from image tokens only: other audio changes nothing for them ...
     with torch.no_grad():
-        toks, lens, _ = caption_targets(b)
-        ci, mi = caption_context(model, b["image"], b["audio"], audio_mask=torch.zeros(4, dtype=torch.bool))
-        ci2, mi2 = caption_context(model, b["image"], torch.randn_like(b["audio"]), audio_mask=torch.zeros(4, dtype=torch.bool))
+        toks = b.captions["image"]
+        no_audio = {"audio": torch.zeros(4, dtype=torch.bool)}
+        ci, mi = caption_context(model, {"image": b.inputs["image"], "audio": b.inputs["audio"]}, no_audio)
+        ci2, mi2 = caption_context(model, {"image": b.inputs["image"], "audio": torch.randn_like(b.inputs["audio"])},
+                                   no_audio)
         l1 = decoder_logits(model, toks[:4], ci, mi)
         l2 = decoder_logits(model, toks[:4], ci2, mi2)
         torch.testing.assert_close(l1, l2)
         # ... while letting the decoder see the audio does change them (the mask has an effect)
-        cj, mj = caption_context(model, b["image"], torch.randn_like(b["audio"]))
+        cj, mj = caption_context(model, {"image": b.inputs["image"], "audio": torch.randn_like(b.inputs["audio"])})
         assert not torch.allclose(l1, decoder_logits(model, toks[:4], cj, mj))
 
 
@@ -92,9 +94,9 @@ def test_tiny_decoder_learns_to_caption(queries):
     test = fake_batch(cfg, 3, seed=99)  # new noise
     tok = ByteTokenizer()
     g = GenerationConfig(max_new_tokens=20)
-    img_caps = generate_captions(model, tok, image=test["image"], cfg=g)
-    aud_caps = generate_captions(model, tok, audio=test["audio"], cfg=g)
-    want_img = [tok.decode(test["caption_image"][i, 1: test["caption_image_len"][i] - 1].tolist()) for i in range(3)]
-    want_aud = [tok.decode(test["caption_audio"][i, 1: test["caption_audio_len"][i] - 1].tolist()) for i in range(3)]
+    img_caps = generate_captions(model, tok, {"image": test.inputs["image"]}, cfg=g)
+    aud_caps = generate_captions(model, tok, {"audio": test.inputs["audio"]}, cfg=g)
+    want_img = [tok.decode(test.captions["image"][i, 1: test.caption_len["image"][i] - 1].tolist()) for i in range(3)]
+    want_aud = [tok.decode(test.captions["audio"][i, 1: test.caption_len["audio"][i] - 1].tolist()) for i in range(3)]
     assert img_caps == want_img
     assert aud_caps == want_aud

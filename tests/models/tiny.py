@@ -1,29 +1,25 @@
-"""A tiny config and synthetic batches for model / loss / generation tests (no data files)."""
+"""The tiny test config and synthetic batches for model / loss / generation tests (no data files)."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from mmpretrain.config import Config, load_config
 from mmpretrain.data.tokenizer import ByteTokenizer
+from mmpretrain.modalities import Batch
 
-TINY = [
-    "data.image_size=16", "data.audio.sample_rate=4000", "data.audio.clip_seconds=0.25", "data.text_max_len=16",
-    "model.embed_dim=16", "model.vision.width=16", "model.vision.depth=1", "model.vision.heads=2",
-    "model.vision.patch_size=8", "model.audio.width=16", "model.audio.depth=1", "model.audio.heads=2",
-    "model.audio.n_mels=16", "model.audio.n_fft=128", "model.audio.hop_length=64", "model.audio.patch_size=4",
-    "model.text.width=16", "model.text.depth=1", "model.text.heads=2", "model.text.decoder_depth=1",
-    "model.text.decoder_queries=4", "model.attention_backend=sdpa",
-]
+# the one tiny test config (configs/tiny_test.yaml); its data paths are placeholders here
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_test.yaml"
 
 
 def tiny_cfg(*overrides: str) -> Config:
-    return load_config(None, TINY + list(overrides))
+    return load_config(str(TINY_CONFIG), list(overrides))
 
 
 def fake_batch(cfg: Config, n: int, seed: int = 0, drop: Sequence[str] = (),
-               captions: Sequence[str] = ("a red circle", "a blue square", "a green cross")) -> Dict[str, torch.Tensor]:
+               captions: Sequence[str] = ("a red circle", "a blue square", "a green cross")) -> Batch:
     """n samples; `drop`: modalities absent in every odd sample. Captions cycle through `captions`;
     the audio caption is the image caption reversed word-wise (so the two differ)."""
     g = torch.Generator().manual_seed(seed)
@@ -40,22 +36,22 @@ def fake_batch(cfg: Config, n: int, seed: int = 0, drop: Sequence[str] = (),
     pg = torch.Generator().manual_seed(1234)
     img_proto = torch.randn(len(captions), 3, s, s, generator=pg)
     aud_proto = 0.3 * torch.randn(len(captions), ns, generator=pg)
-    b = {
-        "image": img_proto[labels] + 0.3 * torch.randn(n, 3, s, s, generator=g),
-        "audio": aud_proto[labels] + 0.05 * torch.randn(n, ns, generator=g),
-        "text": text, "text_len": text_len, "caption_image": ci, "caption_image_len": ci_len,
-        "caption_audio": ca, "caption_audio_len": ca_len,
-        "label": labels,
-    }
-    for m in ("image", "audio", "text"):
-        b[f"{m}_mask"] = torch.ones(n, dtype=torch.bool)
-        if m in drop:
-            b[f"{m}_mask"][1::2] = False
+    b = Batch(
+        keys=[f"s{i}" for i in range(n)], sources=["fake"] * n, epochs=[0] * n,
+        inputs={"image": img_proto[labels] + 0.3 * torch.randn(n, 3, s, s, generator=g),
+                "audio": aud_proto[labels] + 0.05 * torch.randn(n, ns, generator=g), "text": text},
+        masks={m: torch.ones(n, dtype=torch.bool) for m in ("image", "audio", "text")},
+        text_len=text_len, captions={"image": ci, "audio": ca}, caption_len={"image": ci_len, "audio": ca_len},
+        labels=labels,
+    )
     for m in drop:  # absent content is zero / empty, as the collate function makes it
+        b.masks[m][1::2] = False
         if m == "text":
-            for k in ("text", "caption_image", "caption_audio"):
-                b[k][1::2] = tok.pad_id
-                b[f"{k}_len"][1::2] = 0
+            b.inputs["text"][1::2] = tok.pad_id
+            b.text_len[1::2] = 0
+            for c in b.captions:
+                b.captions[c][1::2] = tok.pad_id
+                b.caption_len[c][1::2] = 0
         else:
-            b[m][1::2] = 0
+            b.inputs[m][1::2] = 0
     return b

@@ -15,7 +15,6 @@ from typing import Dict, List
 import pytest
 
 import trainkit as tk
-from tests.launch.launchkit import REPO, TINY_CONFIG, make_tiny_data, tiny_overrides
 
 STEPS = 240
 SIGNAL_AFTER_STEP = 3  # signal once this many steps are logged
@@ -47,13 +46,13 @@ def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path, launcher):
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     for k in [k for k in env if k.startswith(("SLURM_JOB", "SLURM_STEP", "SLURM_PROCID", "RANK", "WORLD_SIZE"))]:
         env.pop(k)  # pytest itself may run inside a job
-    data = make_tiny_data(tmp_path / "data")
+    data = tk.make_tiny_data(tmp_path / "data")
     run_dir = tmp_path / "run"
     procs = ["--cpus-per-task", "1"] if launcher == "srun" else ["--cpus-per-task", "2"]
-    sub = _run([sys.executable, "-m", "mmpretrain.submit", "--config", str(TINY_CONFIG), "--launcher", launcher,
+    sub = _run([sys.executable, "-m", "mmpretrain.submit", "--config", str(tk.TINY_CONFIG), "--launcher", launcher,
                 "--gpus-per-node", "0", "--procs-per-node", "2", *procs, "--time", "15", "--signal-seconds", "120",
-                "--workdir", str(REPO), *tiny_overrides(data, run_dir), f"train.steps={STEPS}", "train.log_every=1",
-                "train.save_every=0"], env, cwd=REPO)
+                "--workdir", str(tk.REPO), *tk.tiny_overrides(run_dir, data), f"train.steps={STEPS}", "train.log_every=1",
+                "train.save_every=0"], env, cwd=tk.REPO)
     assert sub.returncode == 0, sub.stderr
     job_id = (run_dir / "slurm_jobs.txt").read_text().split("\t")[0]
     assert job_id.isdigit() and f"submitted job {job_id}" in sub.stdout

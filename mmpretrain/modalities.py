@@ -1,0 +1,259 @@
+"""The one place that says what a modality is: which shard members feed it, how they decode,
+which tower encodes it (by `model.<section>.kind`), whether the decoder captions it. Contrastive
+pairs are derived from the registry, and `Batch` is the typed batch `collate` produces and every
+later stage reads. Adding a modality is one `register(Modality(...))` (a plugin can do it, see
+mmpretrain.plugins); nothing else in the package lists modality names.
+
+Text is the one modality of kind "text": it is tokenized, not decoded, and its tower also feeds
+the caption decoder. Every other modality is "media": bytes -> fixed-shape float array."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mmpretrain.data.decode import decode_audio, decode_image
+from mmpretrain.models.audio import AudioTransformer
+from mmpretrain.models.text import TextTransformer
+from mmpretrain.models.vision import VisionTransformer
+
+TEXT = "text"  # the anchor modality's name: captions are text, and the decoder reads its tower
+
+# (bytes, DataConfig, rng or None for eval) -> float32 array of sample_shape(DataConfig)
+Decoder = Callable[[bytes, Any, Optional[np.random.Generator]], np.ndarray]
+# (Config, vocab_size) -> an nn.Module meeting the tower interface (see TowerBuilder below)
+TowerBuilder = Callable[[Any, int], nn.Module]
+
+
+@dataclass(frozen=True)
+class Modality:
+    """What the framework needs to know about one modality.
+
+    name: batch / loss / metric key. member_keys: default `;`-separated tar member extensions
+    (a source overrides them with `<name>_keys` in its config where that key exists). decode /
+    sample_shape: media only. config_section: the `model.<section>` holding its tower's config
+    (its `kind` picks the builder); None = the tower takes no config. captioned: the decoder
+    writes captions of it (json `caption_<name>`, else `caption`). keep_fp32: inputs stay fp32
+    under bf16/fp16 (audio: the mel front end runs in fp32). aug_stream: sub-seed of its
+    training augmentation (distinct per modality so one modality's draws never shift another's).
+
+    A tower's interface: `width` (token width), `forward(x)` -> (pooled (B, W), tokens (B, N, W));
+    the text tower's `forward(ids, lengths, cache=None)` -> (pooled, states)."""
+
+    name: str
+    kind: str = "media"  # media | text
+    member_keys: str = ""
+    decode: Optional[Decoder] = None
+    sample_shape: Optional[Callable[[Any], Tuple[int, ...]]] = None
+    config_section: Optional[str] = None
+    captioned: bool = False
+    keep_fp32: bool = False
+    aug_stream: int = 0
+    towers: Dict[str, TowerBuilder] = field(default_factory=dict)  # kind -> builder; "native" is the default
+
+
+_REGISTRY: Dict[str, Modality] = {}
+
+
+class ModalityError(ValueError):
+    """A registration or a lookup that does not fit the registry."""
+
+
+def register(m: Modality) -> Modality:
+    """Add a modality (its order is the registration order: batches, pairs and reports follow it)."""
+    if m.name in _REGISTRY:
+        raise ModalityError(f"modality '{m.name}' is already registered")
+    if m.kind not in ("media", "text"):
+        raise ModalityError(f"modality '{m.name}': kind must be 'media' or 'text', got {m.kind!r}")
+    if m.kind == "text" and m.name != TEXT:
+        raise ModalityError(f"the text modality is '{TEXT}'; '{m.name}' cannot be a second one")
+    if m.kind == "media" and (m.decode is None or m.sample_shape is None):
+        raise ModalityError(f"media modality '{m.name}' needs decode and sample_shape")
+    if not m.towers:
+        raise ModalityError(f"modality '{m.name}' has no tower builder")
+    taken = {s.aug_stream for s in _REGISTRY.values() if s.kind == "media"}
+    if m.kind == "media" and m.aug_stream in taken:
+        raise ModalityError(f"modality '{m.name}': aug_stream {m.aug_stream} is used by another modality")
+    _REGISTRY[m.name] = m
+    return m
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+@contextlib.contextmanager
+def registered(m: Modality) -> Iterator[Modality]:
+    """Register `m` for the duration of a block (tests)."""
+    register(m)
+    try:
+        yield m
+    finally:
+        unregister(m.name)
+
+
+def get(name: str) -> Modality:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModalityError(f"unknown modality '{name}'; registered: {names()}") from None
+
+
+def all_modalities() -> List[Modality]:
+    return list(_REGISTRY.values())
+
+
+def names() -> List[str]:
+    return list(_REGISTRY)
+
+
+def media() -> List[Modality]:
+    return [m for m in _REGISTRY.values() if m.kind == "media"]
+
+
+def media_names() -> List[str]:
+    return [m.name for m in media()]
+
+
+def captioned() -> List[str]:
+    return [m.name for m in _REGISTRY.values() if m.captioned]
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    a: str
+    b: str
+
+
+def pairs() -> List[Pair]:
+    """Every modality with text (`<m>_text`), then every media pair in registration order."""
+    out = [Pair(f"{m}_{TEXT}", m, TEXT) for m in media_names()]
+    out += [Pair(f"{a}_{b}", a, b) for a, b in itertools.combinations(media_names(), 2)]
+    return out
+
+
+def pair_names() -> List[str]:
+    return [p.name for p in pairs()]
+
+
+def pair_weights(cfg: Any) -> Dict[str, float]:
+    """`loss.pairs` resolved: every pair, weight 1 unless the config says otherwise."""
+    given = dict(cfg.loss.pairs)
+    return {p: float(given.get(p, 1.0)) for p in pair_names()}
+
+
+def tower_kind(cfg: Any, m: Modality) -> str:
+    section = getattr(cfg.model, m.config_section) if m.config_section else None
+    return getattr(section, "kind", "native") if section is not None else "native"
+
+
+def build_tower(cfg: Any, m: Modality, vocab_size: int) -> nn.Module:
+    kind = tower_kind(cfg, m)
+    if kind not in m.towers:
+        raise ModalityError(f"config key 'model.{m.config_section}.kind' = {kind!r}: no such tower for "
+                            f"'{m.name}'; choose one of {sorted(m.towers)}")
+    return m.towers[kind](cfg, vocab_size)
+
+
+def validate_config(cfg: Any) -> Optional[str]:
+    """The registry-dependent checks of a config; a message naming the key, or None."""
+    unknown = sorted(set(cfg.loss.pairs) - set(pair_names()))
+    if unknown:
+        return f"config key 'loss.pairs' has unknown pairs {unknown}; allowed: {pair_names()}"
+    for m in all_modalities():
+        kind = tower_kind(cfg, m)
+        if kind not in m.towers:
+            return (f"config key 'model.{m.config_section}.kind' = {kind!r} is not allowed; choose one of "
+                    f"{sorted(m.towers)}")
+    for i, src in enumerate(cfg.data.train):
+        bad = sorted({r.strip() for r in src.required.split(";") if r.strip()} - set(names()))
+        if bad:
+            return f"config key 'data.train[{i}].required' names unknown modalities {bad}; allowed: {names()}"
+    return None
+
+
+# ----------------------------------------------------------------------------- the batch
+
+
+@dataclass
+class Batch:
+    """One batch, as `collate` makes it. Absent modalities are zeros with a False mask.
+
+    inputs[m]: media (B, *sample_shape); text: token ids (B, L). masks[m]: (B,) bool for every
+    registered modality. text_len: (B,) tokens BOS..EOS (0 = no text). captions[m] / caption_len[m]:
+    the caption of captioned modality m (json `caption_<m>`, else the text)."""
+
+    keys: List[str]
+    sources: List[str]
+    epochs: List[int]
+    inputs: Dict[str, torch.Tensor]
+    masks: Dict[str, torch.Tensor]
+    text_len: torch.Tensor
+    captions: Dict[str, torch.Tensor]
+    caption_len: Dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "Batch":
+        """Tensors to `device`; media inputs to the compute `dtype` unless the modality keeps fp32."""
+
+        def mv(name: str, t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device, non_blocking=True)
+            if name in _REGISTRY and _REGISTRY[name].kind == "media" and not _REGISTRY[name].keep_fp32:
+                t = t.to(dtype)
+            return t
+
+        return Batch(list(self.keys), list(self.sources), list(self.epochs),
+                     {k: mv(k, v) for k, v in self.inputs.items()},
+                     {k: v.to(device) for k, v in self.masks.items()}, self.text_len.to(device),
+                     {k: v.to(device) for k, v in self.captions.items()},
+                     {k: v.to(device) for k, v in self.caption_len.items()}, self.labels.to(device))
+
+    def select(self, index: Sequence[int]) -> "Batch":
+        """The rows `index` (a list of row numbers), in that order."""
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+
+        def pick(d: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            return {k: v[idx.to(v.device)] for k, v in d.items()}
+
+        rows = idx.tolist()
+        return Batch([self.keys[i] for i in rows], [self.sources[i] for i in rows], [self.epochs[i] for i in rows],
+                     pick(self.inputs), pick(self.masks), self.text_len[idx.to(self.text_len.device)],
+                     pick(self.captions), pick(self.caption_len), self.labels[idx.to(self.labels.device)])
+
+
+# ----------------------------------------------------------------------------- the built-in modalities
+
+
+def _audio_samples(d: Any) -> int:
+    return int(d.audio.sample_rate * d.audio.clip_seconds)
+
+
+register(Modality(
+    name="image", member_keys="jpg;jpeg;png;webp", captioned=True, aug_stream=1, config_section="vision",
+    decode=lambda b, d, rng: decode_image(b, d.image_size, rng, max_pixels=d.max_image_pixels,
+                                         min_scale=d.crop_min_scale, hflip=d.hflip),
+    sample_shape=lambda d: (3, d.image_size, d.image_size),
+    towers={"native": lambda cfg, vocab: VisionTransformer(cfg.model.vision, cfg.data.image_size, cfg.model.dropout)},
+))
+register(Modality(
+    name="audio", member_keys="flac;wav;mp3;ogg", captioned=True, keep_fp32=True, aug_stream=2,
+    config_section="audio",
+    decode=lambda b, d, rng: decode_audio(b, d.audio.sample_rate, d.audio.clip_seconds, rng),
+    sample_shape=lambda d: (_audio_samples(d),),
+    towers={"native": lambda cfg, vocab: AudioTransformer(cfg.model.audio, cfg.data.audio.sample_rate,
+                                                          _audio_samples(cfg.data), cfg.model.dropout)},
+))
+register(Modality(
+    name=TEXT, kind="text", member_keys="txt;json:caption", config_section="text",
+    towers={"native": lambda cfg, vocab: TextTransformer(cfg.model.text, vocab, cfg.data.text_max_len,
+                                                         cfg.model.dropout)},
+))
