@@ -5,8 +5,7 @@ caption logits included, so the losses are pure functions of tensors."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,8 +19,11 @@ from mmpretrain.models.decoder import MultimodalDecoder
 from mmpretrain.models.transformer import init_weights
 
 
-@dataclass
-class CaptionOutput:
+# NamedTuples, not dataclasses: DeepSpeed ZeRO-3 finds a module's output tensors by walking
+# tuples / lists / dicts only, and hooks them to re-gather the parameters the module used (its
+# own and, here, the logit scales / biases and the decoder's modality embeddings read outside
+# their modules' forward) before its backward; tensors inside a dataclass stay hidden from it.
+class CaptionOutput(NamedTuple):
     """Caption rows of the C captioned modalities stacked: rows [k B, (k+1) B) caption modality k."""
 
     modalities: List[str]
@@ -31,8 +33,7 @@ class CaptionOutput:
     valid: torch.Tensor  # (C B,) bool: the modality is present and its caption has a token besides BOS
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
     embeddings: Dict[str, torch.Tensor]  # modality -> (B, E), unit norm
     tokens: Dict[str, torch.Tensor]  # modality -> (B, N, W) tower tokens (text: every position's state)
     scales: Dict[str, torch.Tensor]  # pair -> () logit scale, clamped
@@ -117,11 +118,9 @@ class MultimodalModel(nn.Module):
             lengths = batch.text_len if name == M.TEXT else None
             emb[name], tok[name] = self.encode(name, batch.inputs[name], lengths, return_tokens=True)
         pairs = M.pair_names()
-        out = ModelOutput(emb, tok, {p: self.scale(p) for p in pairs},
-                          {p: self.logit_bias[p].squeeze(0) for p in pairs})
-        if captions and self.decoder is not None:
-            out.caption = self.caption_logits(batch, tok)
-        return out
+        scales, biases = {p: self.scale(p) for p in pairs}, {p: self.logit_bias[p].squeeze(0) for p in pairs}
+        caption = self.caption_logits(batch, tok) if captions and self.decoder is not None else None
+        return ModelOutput(emb, tok, scales, biases, caption)
 
 
 def build_model(cfg: Config, vocab_size: int) -> MultimodalModel:
