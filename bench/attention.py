@@ -54,16 +54,14 @@ def main() -> int:
         flops = 4 * a.batch * a.heads * T * T * a.dim * (0.5 if a.causal else 1.0)  # two matmuls
         cells = []
         for b in backends:
-            A.set_backend(b)
             try:
-                fwd = lambda: A.attention(q, k, v, causal=a.causal, key_padding_mask=kpm)  # noqa: E731
+                fwd = lambda: A.attention(q, k, v, causal=a.causal, key_padding_mask=kpm, backend=b)  # noqa: E731
                 do = torch.randn_like(q)
                 both = lambda: torch.autograd.grad(fwd(), (q, k, v), do)  # noqa: E731
                 tf, tb = _time_ms(fwd), _time_ms(both)
                 cells.append(f"{flops / tf / 1e9:11.1f} {3.5 * flops / tb / 1e9:11.1f}")  # bwd ~2.5x fwd
             except Exception as e:  # a backend may not support this case (e.g. flash + causal + mask)
                 cells.append(f"{type(e).__name__:>23}")
-        A.set_backend(None)
         print(f"{T:>6} | " + " | ".join(cells), flush=True)
     return 0
 

@@ -386,8 +386,6 @@ def _merge(base: Any, other: Any, origin: str) -> Any:
 
 def _allowed_keys(e: Exception) -> str:
     """'; allowed keys: [...]' for an unknown key, from the schema section it was looked up in."""
-    import dataclasses
-
     obj_type = getattr(e, "object_type", None)
     if "not in" not in str(e) or not (isinstance(obj_type, type) and dataclasses.is_dataclass(obj_type)):
         return ""

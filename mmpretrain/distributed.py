@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import List, Mapping, Optional, Tuple
 
@@ -77,8 +78,6 @@ def _slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

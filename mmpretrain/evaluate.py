@@ -7,6 +7,7 @@ under any launcher (torchrun / deepspeed): each rank embeds its share of the dat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple
 
 import torch
+from omegaconf import OmegaConf
 
 from mmpretrain import distributed as D
-from mmpretrain.config import Config
+from mmpretrain.config import Config, ConfigError, from_dict, to_dict
 from mmpretrain.eval.suite import TASKS, EvalOptions, EvalSuite
+from mmpretrain.eval.zeroshot import load_class_names
 from mmpretrain.loading import load_model
 
 log = logging.getLogger("mmpretrain.evaluate")
@@ -57,10 +60,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import dataclasses
-
-    from mmpretrain.config import ConfigError, from_dict, to_dict
-
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     info = D.discover()
@@ -70,16 +69,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         model, cfg, tok = load_for_eval(args.checkpoint, device)
         if args.overrides:
-            from omegaconf import OmegaConf
-
             merged = OmegaConf.merge(OmegaConf.create(to_dict(cfg)), OmegaConf.from_dotlist(args.overrides))
             cfg = from_dict(OmegaConf.to_container(merged))
     except (ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from mmpretrain.ops.attention import set_backend
-
-    set_backend(cfg.model.attention_backend if cfg.model.attention_backend != "triton" or device.type == "cuda" else "auto")
+    # the Triton kernel runs on CPU only under the interpreter: a CPU evaluation of a GPU run picks per call
+    model.set_attention_backend(cfg.model.attention_backend if cfg.model.attention_backend != "triton"
+                                or device.type == "cuda" else "auto")
     gen = cfg.eval.generation
     if args.num_beams is not None:
         gen = dataclasses.replace(gen, num_beams=args.num_beams)
@@ -88,8 +85,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     names = None
     if args.class_names:
-        from mmpretrain.eval.zeroshot import load_class_names
-
         names = load_class_names(args.class_names)
     opts = EvalOptions(tasks=tasks, batch_size=args.batch_size, class_names=names, templates=args.templates,
                        probe_train_urls=args.probe_train, caption_samples=args.caption_samples, generation=gen,

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from mmpretrain import checkpoint as ckpt_lib
 from mmpretrain import loading
 from mmpretrain.config import DTYPES, config_hash, dtype_of, to_dict
+from mmpretrain.safe_load import UnsafeCheckpointError
 
 EXPORT_FORMAT = "mmpretrain-export/1"
 
@@ -88,8 +89,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from mmpretrain.safe_load import UnsafeCheckpointError
-
     args = parse_args(argv)
     t0 = time.perf_counter()
     try:

@@ -18,8 +18,16 @@ from mmpretrain import checkpoint as ckpt_lib
 from mmpretrain import distributed as D
 from mmpretrain import faults, modalities
 from mmpretrain.config import Config, ConfigError, dtype_of, load_config, to_yaml
+from mmpretrain.data.pipeline import build_train_loader
+from mmpretrain.data.tokenizer import build_tokenizer
+from mmpretrain.engine import build_engine
+from mmpretrain.eval.report import format_table
 from mmpretrain.eval.suite import EvalSuite, summary_lines
+from mmpretrain.feature_cache import FeatureCache
+from mmpretrain.logging import MetricsLogger, setup_logging
+from mmpretrain.models import build_model
 from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatcher
+from mmpretrain.safe_load import UnsafeCheckpointError
 
 log = logging.getLogger("mmpretrain.train")
 
@@ -53,17 +61,9 @@ class Trainer:
     """Owns the engine, the loader and the counters; `run()` is the loop."""
 
     def __init__(self, cfg: Config, info: D.DistInfo) -> None:
-        from mmpretrain.data.pipeline import build_train_loader
-        from mmpretrain.data.tokenizer import build_tokenizer
-        from mmpretrain.engine import build_engine
-        from mmpretrain.logging import MetricsLogger
-        from mmpretrain.models import build_model
-        from mmpretrain.ops.attention import set_backend
-
         self.cfg, self.info = cfg, info
         self.out = Path(cfg.run.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        set_backend(cfg.model.attention_backend)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         # resume (what, how: exact / universal / weights only) and save cadence: mmpretrain.checkpoint
@@ -111,8 +111,6 @@ class Trainer:
         grads_ok = True
         cache = None
         if self.cfg.loss.feature_cache:  # exact big-batch contrastive gradient (mmpretrain.feature_cache)
-            from mmpretrain.feature_cache import FeatureCache
-
             td = time.perf_counter()
             pending = [self._next_batch() for _ in range(self.cfg.train.grad_accum)]
             data_wait += time.perf_counter() - td
@@ -233,16 +231,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     torch.set_num_threads(max(1, torch.get_num_threads() // max(info.local_world_size, 1)))
     D.init(info)  # DeepSpeed wants a process group even for one process
-    from mmpretrain.logging import setup_logging
-
     setup_logging(cfg.run.output_dir, info.rank)
     if info.is_main:
         Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.output_dir) / "config.yaml").write_text(to_yaml(cfg))
         (Path(cfg.run.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)  # this is the requeued run
     log.info("launcher=%s rank=%d/%d local_rank=%d", info.launcher, info.rank, info.world_size, info.local_rank)
-    from mmpretrain.safe_load import UnsafeCheckpointError
-
     try:
         trainer = Trainer(cfg, info)
     except (UnsafeCheckpointError, FileNotFoundError) as e:  # every rank raises it together
@@ -263,8 +257,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         trainer.close()
     if info.is_main and result.get("after"):
-        from mmpretrain.eval.report import format_table
-
         print(format_table(result.get("before"), result["after"]))
     D.barrier()
     return 0

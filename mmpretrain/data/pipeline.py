@@ -11,10 +11,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config import Config, DataConfig, SourceConfig
 from .decode import DecodeError, warm_imports
 from .samples import SampleProcessor, SourceSpec, collate, parse_source
 from .shards import expand_urls, shard_sizes
 from .streams import EpochLayout, ResampledLayout, WindowedStream, _rng
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -36,8 +38,8 @@ class SourcePlan:
 class Plan:
     """Everything a worker needs (picklable; computed once in the main process)."""
 
-    data: Any  # DataConfig
-    tokenizer: Any
+    data: DataConfig
+    tokenizer: Tokenizer
     sources: List[SourcePlan]
     seed: int
     batch_size: int
@@ -49,7 +51,7 @@ class Plan:
     window: int
 
 
-def _plan_sources(sources: List[Any], resampled: bool) -> List[SourcePlan]:
+def _plan_sources(sources: List[SourceConfig], resampled: bool) -> List[SourcePlan]:
     out = []
     for i, src in enumerate(sources):
         urls = expand_urls(src.urls)
@@ -199,7 +201,7 @@ def _sum_stats(states: List[Optional[Dict[str, Any]]], names: List[str]) -> Dict
             "epoch": epochs[names[0]] if names else 0, "epoch_per_source": epochs}
 
 
-def _fingerprint(cfg: Any, seed: int) -> Dict[str, Any]:
+def _fingerprint(cfg: Config, seed: int) -> Dict[str, Any]:
     d = cfg.data
     return {"sources": [{k: v for k, v in dataclasses.asdict(s).items()} for s in d.train],
             "seed": seed, "micro_batch_size": cfg.train.micro_batch_size,
@@ -217,7 +219,7 @@ class TrainLoader:
     `seed` seeds the data stream (shard order, shuffle buffers, mixing, augmentation); default
     cfg.run.seed. A trainer resuming on another world size passes a moved-on seed."""
 
-    def __init__(self, cfg: Any, rank: int, world_size: int, tokenizer: Any, seed: Optional[int] = None):
+    def __init__(self, cfg: Config, rank: int, world_size: int, tokenizer: Tokenizer, seed: Optional[int] = None):
         if not cfg.data.train:
             raise DataError("config key 'data.train' lists no sources")
         if not 0 <= rank < world_size:
@@ -226,9 +228,11 @@ class TrainLoader:
         self.num_workers = int(cfg.data.num_workers)
         self.workers = max(1, self.num_workers)
         self.seed = int(cfg.run.seed if seed is None else seed)
-        self.plan = Plan(cfg.data, tokenizer, _plan_sources(cfg.data.train, cfg.data.resampled), self.seed,
-                         int(cfg.train.micro_batch_size), rank, world_size, self.workers, True,
-                         bool(cfg.data.resampled), int(cfg.data.shuffle_buffer))
+        self.plan = Plan(data=cfg.data, tokenizer=tokenizer,
+                         sources=_plan_sources(cfg.data.train, cfg.data.resampled), seed=self.seed,
+                         batch_size=int(cfg.train.micro_batch_size), rank=rank, world_size=world_size,
+                         workers=self.workers, train=True, resampled=bool(cfg.data.resampled),
+                         window=int(cfg.data.shuffle_buffer))
         self.names = [sp.spec.name for sp in self.plan.sources]
         self._states: List[Optional[Dict[str, Any]]] = [None] * self.workers
         self._consumed = 0
@@ -291,7 +295,7 @@ class TrainLoader:
             it._shutdown_workers()
 
 
-def build_train_loader(cfg: Any, rank: int, world_size: int, tokenizer: Any, seed: Optional[int] = None) -> TrainLoader:
+def build_train_loader(cfg: Config, rank: int, world_size: int, tokenizer: Tokenizer, seed: Optional[int] = None) -> TrainLoader:
     """Endless batches of cfg.train.micro_batch_size for this rank (see TrainLoader); `seed`:
     the data seed, default cfg.run.seed."""
     return TrainLoader(cfg, rank, world_size, tokenizer, seed)
@@ -302,16 +306,15 @@ class EvalLoader:
     across ranks and workers (floor split): each sample exactly once overall; ranks may get
     counts differing by one sample, and the last batch of each worker may be partial."""
 
-    def __init__(self, urls: str, cfg: Any, tokenizer: Any, batch_size: int, rank: int = 0, world_size: int = 1,
-                 source: Any = None):
-        from ..config import SourceConfig
-
+    def __init__(self, urls: str, cfg: Config, tokenizer: Tokenizer, batch_size: int, rank: int = 0,
+                 world_size: int = 1, source: Optional[SourceConfig] = None):
         # `source`: optional SourceConfig giving member keys / required modalities / sizes
         src = dataclasses.replace(source, name="eval", urls=urls) if source is not None \
             else SourceConfig(name="eval", urls=urls)
         self.num_workers = int(cfg.data.num_workers)
-        self.plan = Plan(cfg.data, tokenizer, _plan_sources([src], False), int(cfg.run.seed), int(batch_size), rank,
-                         world_size, max(1, self.num_workers), False, False, 1)
+        self.plan = Plan(data=cfg.data, tokenizer=tokenizer, sources=_plan_sources([src], False),
+                         seed=int(cfg.run.seed), batch_size=int(batch_size), rank=rank, world_size=world_size,
+                         workers=max(1, self.num_workers), train=False, resampled=False, window=1)
         self._states: List[Optional[Dict[str, Any]]] = [None] * self.plan.workers
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
@@ -325,7 +328,7 @@ class EvalLoader:
         return _sum_stats(self._states, ["eval"])
 
 
-def build_eval_loader(urls: str, cfg: Any, tokenizer: Any, batch_size: int, rank: int = 0,
-                      world_size: int = 1, source: Any = None) -> EvalLoader:
+def build_eval_loader(urls: str, cfg: Config, tokenizer: Tokenizer, batch_size: int, rank: int = 0,
+                      world_size: int = 1, source: Optional[SourceConfig] = None) -> EvalLoader:
     """One deterministic pass over `urls` (see EvalLoader); iterate it again for another pass."""
     return EvalLoader(urls, cfg, tokenizer, batch_size, rank, world_size, source)

@@ -12,8 +12,10 @@ import torch
 # the registry imports data.decode; samples reads it at call time only (M.Batch, M.get)
 from mmpretrain import modalities as M
 
+from ..config import DataConfig, SourceConfig
 from .decode import DecodeError
 from .shards import RawSample
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -31,13 +33,13 @@ def _exts(s: str) -> List[str]:
     return [e.strip().lower().lstrip(".") for e in (s or "").split(";") if e.strip()]
 
 
-def member_keys(src: Any, m: M.Modality) -> str:
+def member_keys(src: SourceConfig, m: M.Modality) -> str:
     """A source's member extensions for `m`: its `<name>_keys` config key where the schema has
     one, else the modality's registered default."""
     return getattr(src, f"{m.name}_keys", None) or m.member_keys
 
 
-def parse_source(src: Any, index: int) -> SourceSpec:
+def parse_source(src: SourceConfig, index: int) -> SourceSpec:
     """SourceConfig -> SourceSpec; the key strings are `;`-separated extension lists."""
     text = []
     for e in _exts(member_keys(src, M.get(M.TEXT))):
@@ -85,7 +87,7 @@ def _utf8(b: bytes) -> str:
 class SampleProcessor:
     """Turns raw samples into examples with the configured train or eval transforms."""
 
-    def __init__(self, data_cfg: Any, tokenizer: Any, train: bool):
+    def __init__(self, data_cfg: DataConfig, tokenizer: Tokenizer, train: bool):
         self.cfg, self.tok, self.train = data_cfg, tokenizer, train
         self.max_len = int(data_cfg.text_max_len)
 
@@ -177,7 +179,7 @@ def _token_matrix(seqs: List[Optional[List[int]]], L: int, pad_id: int) -> Tuple
     return ids, lens
 
 
-def collate(examples: List[Example], data_cfg: Any, pad_id: int) -> M.Batch:
+def collate(examples: List[Example], data_cfg: DataConfig, pad_id: int) -> M.Batch:
     """Examples -> the Batch every later stage reads (zeros + False mask where absent)."""
     b, L = len(examples), int(data_cfg.text_max_len)
     inputs: Dict[str, torch.Tensor] = {}

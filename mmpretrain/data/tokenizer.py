@@ -7,9 +7,7 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-
-# Workers are forked after the main process may have used the tokenizer.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from tokenizers import Tokenizer as _Tok
 
 MARKER = "mmpretrain_tokenizer.json"
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
@@ -80,8 +78,9 @@ class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer`; missing pad/bos/eos tokens are added as specials."""
 
     def __init__(self, path: str, names: Optional[dict] = None) -> None:
-        from tokenizers import Tokenizer as _Tok
-
+        # loader workers fork after this process used the tokenizer: its thread pool must stay off
+        # (set here, when one is built, not at import; a user's explicit value is kept)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.tok = _Tok.from_file(path)
         self.tok.no_truncation()
         self.tok.no_padding()

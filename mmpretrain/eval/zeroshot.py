@@ -9,6 +9,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from mmpretrain.data.shards import expand_urls
 from mmpretrain.eval.metrics import classification_metrics
 
 
@@ -55,8 +56,6 @@ def load_class_names(path: Optional[str] = None, eval_urls: Optional[str] = None
     if path:
         candidates.append(Path(path))
     elif eval_urls:
-        from mmpretrain.data.shards import expand_urls
-
         urls = expand_urls(eval_urls)
         if urls and not urls[0].startswith(("pipe:", "http:", "https:")):
             shard = Path(urls[0])

@@ -22,6 +22,7 @@ class AttentionalPooler(nn.Module):
     def __init__(self, ctx_width: int, width: int, heads: int, n_queries: int) -> None:
         super().__init__()
         self.heads, self.n_queries = heads, n_queries
+        self.attention_backend = "auto"
         self.ln_k = nn.LayerNorm(ctx_width)
         if n_queries > 0:
             self.queries = nn.Parameter(torch.randn(n_queries, width) * 0.02)
@@ -44,7 +45,7 @@ class AttentionalPooler(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
 
-        o = attention(split(q), split(k), split(v), key_padding_mask=mask)  # (B, H, Q, Dh)
+        o = attention(split(q), split(k), split(v), key_padding_mask=mask, backend=self.attention_backend)  # (B, H, Q, Dh)
         o = o.transpose(1, 2).reshape(b, self.n_queries, -1)
         return self.ln_out(self.out(o))
 

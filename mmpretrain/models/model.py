@@ -17,6 +17,7 @@ from mmpretrain.config import Config, GenerationConfig
 from mmpretrain.generation import generate_ids
 from mmpretrain.models.decoder import MultimodalDecoder
 from mmpretrain.models.transformer import init_weights
+from mmpretrain.ops.attention import check_backend
 
 
 # NamedTuples, not dataclasses: DeepSpeed ZeRO-3 finds a module's output tensors by walking
@@ -59,6 +60,15 @@ class MultimodalModel(nn.Module):
         self.decoder: Optional[MultimodalDecoder] = None
         if m.text.decoder_depth > 0:
             self.decoder = MultimodalDecoder(cfg, vocab_size, {k: self.towers[k].width for k in M.captioned()})
+        self.set_attention_backend(m.attention_backend)
+
+    def set_attention_backend(self, name: str) -> None:
+        """'auto' | 'sdpa' | 'triton' | 'flash' | 'reference' for every attention of the model (plugin
+        towers built from models.transformer blocks included)."""
+        check_backend(name)
+        for mod in self.modules():
+            if hasattr(mod, "attention_backend"):
+                mod.attention_backend = name
 
     # ---- per-modality encoders (normalized embeddings), used by eval and inference
     def encode(self, modality: str, x: torch.Tensor, lengths: Optional[torch.Tensor] = None,

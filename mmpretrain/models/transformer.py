@@ -46,6 +46,7 @@ class MultiheadAttention(nn.Module):
         self.heads = heads
         self.cross = cross
         self.dropout = dropout
+        self.attention_backend = "auto"  # MultimodalModel.set_attention_backend sets every module's
         if cross:
             self.q = nn.Linear(width, width)
             self.kv = nn.Linear(width, 2 * width)
@@ -86,7 +87,7 @@ class MultiheadAttention(nn.Module):
                 cache.self_kv = (k, v)
         o = attention(
             q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, backend=self.attention_backend,
         )
         b, h, t, dh = o.shape
         return self.out(o.transpose(1, 2).reshape(b, t, h * dh))

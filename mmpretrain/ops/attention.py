@@ -20,21 +20,17 @@ from mmpretrain.ops.reference import attention_mask, reference_attention
 logger = logging.getLogger("mmpretrain.ops")
 
 BACKENDS = ("sdpa", "triton", "flash", "reference")
-_FORCED: Optional[str] = None
+# the choice is per call (each attention module holds its `backend`, set from model.attention_backend);
+# the only module state is this log-once memory of which choice was made and why
 _LOGGED: Set[Tuple[str, str]] = set()
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def set_backend(name: Optional[str]) -> None:
-    """Force a backend ('sdpa', 'triton', 'flash', 'reference'); None or 'auto' = pick."""
-    global _FORCED
+def check_backend(name: Optional[str]) -> Optional[str]:
+    """'sdpa' | 'triton' | 'flash' | 'reference' -> itself; None or 'auto' -> None (pick per call)."""
     if name not in (None, "auto") and name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS} or 'auto'")
-    _FORCED = None if name in (None, "auto") else name
-
-
-def get_backend() -> Optional[str]:
-    return _FORCED
+    return None if name in (None, "auto") else name
 
 
 def _has_flash() -> bool:
@@ -44,6 +40,7 @@ def _has_flash() -> bool:
 def _triton_on(t: torch.Tensor) -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
+    # lazy: triton is optional (the [gpu] extra) and importing it costs seconds
     from mmpretrain.ops.triton._common import usable
 
     return usable(t)
@@ -78,11 +75,13 @@ def _why_not_triton(q: torch.Tensor, dropout_p: float) -> Optional[str]:
 
 
 def choose_backend(
-    q: torch.Tensor, k: torch.Tensor, causal: bool, kpm: Optional[torch.Tensor], dropout_p: float
+    q: torch.Tensor, k: torch.Tensor, causal: bool, kpm: Optional[torch.Tensor], dropout_p: float,
+    backend: Optional[str] = None,
 ) -> Tuple[str, str]:
-    """(backend, reason) for these inputs; honours `set_backend`."""
-    if _FORCED is not None:
-        return _FORCED, "forced by set_backend"
+    """(backend, reason) for these inputs; a `backend` other than None / 'auto' is used as given."""
+    forced = check_backend(backend)
+    if forced is not None:
+        return forced, "forced by model.attention_backend"
     no_flash = _why_not_flash(q, k, causal, kpm)
     if no_flash is None:
         return "flash", "flash-attn available, CUDA, half precision"
@@ -108,8 +107,10 @@ def attention(
     causal: bool = False,
     key_padding_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
-    name, reason = choose_backend(q, k, causal, key_padding_mask, dropout_p)
+    """`backend`: None / 'auto' picks per call (see choose_backend); a name forces that kernel."""
+    name, reason = choose_backend(q, k, causal, key_padding_mask, dropout_p, backend)
     _log_once(name, reason)
     if name == "sdpa":
         return _sdpa(q, k, v, causal, key_padding_mask, dropout_p)
@@ -119,7 +120,7 @@ def attention(
         why = _why_not_triton(q, dropout_p)
         if why is not None:
             raise RuntimeError(f"attention backend 'triton' forced but unusable: {why}")
-        from mmpretrain.ops.triton.flash_attention import triton_attention
+        from mmpretrain.ops.triton.flash_attention import triton_attention  # optional dependency
 
         return triton_attention(q, k, v, causal, key_padding_mask)
     if name == "flash":
@@ -140,7 +141,7 @@ def _sdpa(q, k, v, causal, kpm, dropout_p) -> torch.Tensor:
 
 
 def _flash(q, k, v, causal, kpm, dropout_p) -> torch.Tensor:
-    import flash_attn
+    import flash_attn  # optional ([gpu] extra), CUDA only
 
     scale = 1.0 / math.sqrt(q.shape[-1])
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn layout (B, T, H, D)
