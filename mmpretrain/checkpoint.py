@@ -204,6 +204,7 @@ def consolidated_state_dict(ckpt: Path) -> Dict[str, torch.Tensor]:
     ckpt = Path(ckpt)
     verify_safe(ckpt)
     if (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists() or list(ckpt.glob("*zero_pp_rank_0_*optim_states.pt")):
+        # lazy: export / evaluate of stage-0 checkpoints and exports never load DeepSpeed (it logs to stdout)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)

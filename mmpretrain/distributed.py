@@ -199,7 +199,7 @@ def discover(env: Optional[Mapping[str, str]] = None) -> DistInfo:
 
 def init(info: DistInfo, timeout_minutes: float = 30.0) -> None:
     """Start the process group (NCCL on CUDA, gloo on CPU) through DeepSpeed."""
-    import deepspeed
+    import deepspeed  # lazy: rank discovery and config checks run (and fail fast) before DeepSpeed loads
 
     for k, v in (
         ("RANK", info.rank),

@@ -150,6 +150,7 @@ class TrainModule(nn.Module):
 
 def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False):
     """-> (deepspeed engine wrapping TrainModule, optimizer, scheduler)."""
+    # lazy: importing DeepSpeed takes seconds and logs to stdout; TrainModule and the schedule need none of it
     import deepspeed
 
     module = TrainModule(model, cfg)

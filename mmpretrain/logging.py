@@ -57,7 +57,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(self.path, "a", buffering=1)
         if cfg.log.wandb.mode != "disabled":
-            import wandb
+            import wandb  # optional ([wandb] extra)
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(

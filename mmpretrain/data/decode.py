@@ -111,7 +111,7 @@ def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     if src_rate == dst_rate:
         return x
     try:
-        from scipy.signal import resample_poly
+        from scipy.signal import resample_poly  # ~2 s import: only where audio is resampled (warm_imports)
 
         frac = Fraction(dst_rate, src_rate).limit_denominator(1000)
         return resample_poly(x, frac.numerator, frac.denominator, axis=-1).astype(np.float32)

@@ -29,7 +29,7 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
     """Corpus BLEU-4 in [0, 100] (sacrebleu: 13a tokenization, exp smoothing) with effective
     order: n-gram orders absent from the whole corpus are left out (captions of three words
     have no 4-grams; plain BLEU-4 would be 0 even for perfect captions)."""
-    from sacrebleu.metrics import BLEU
+    from sacrebleu.metrics import BLEU  # the [eval] extra: only captioning needs it
 
     n_refs = max(len(r) for r in references)
     streams = [[r[i] if i < len(r) else r[0] for r in references] for i in range(n_refs)]

@@ -130,7 +130,7 @@ def contrastive_rows(
     if impl == "torch_tiled":
         return contrastive_rows_tiled(q, k, logit_scale, targets, col_valid, tile_size or DEFAULT_TILE)
     if impl == "triton":
-        from mmpretrain.ops.triton.contrastive import contrastive_rows_triton
+        from mmpretrain.ops.triton.contrastive import contrastive_rows_triton  # optional ([gpu] extra)
 
         return contrastive_rows_triton(q, k, logit_scale, targets, col_valid)
     raise ValueError(f"unknown contrastive impl {impl!r}")
