@@ -91,7 +91,7 @@ class Trainer:
         return self.engine.module.model
 
     # ------------------------------------------------------------------ pieces
-    def _next_batch(self) -> Dict[str, Any]:
+    def _next_batch(self) -> modalities.Batch:
         batch = next(self.loader).to(self.engine.device, self.dtype)
         faults.point("train.batch", step=self.step + 1, batch=batch, rank=self.info.rank)  # NaN tests poison it
         return batch
