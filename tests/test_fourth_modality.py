@@ -142,7 +142,7 @@ def test_fourth_modality_trains_under_deepspeed_and_resumes(depth_data, tmp_path
         from mmpretrain.data import build_tokenizer, build_train_loader
         from mmpretrain.engine import TrainModule
         from mmpretrain.models import build_model
-        from mmpretrain.train import seed_everything
+        from mmpretrain.trainer import seed_everything
 
         tok = build_tokenizer(cfg.data.tokenizer)
         loader = build_train_loader(cfg, 0, 1, tok)

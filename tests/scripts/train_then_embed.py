@@ -12,7 +12,7 @@ from mmpretrain import distributed as D
 from mmpretrain.config import load_config
 from mmpretrain.inference import InferenceModel
 from mmpretrain.logging import setup_logging
-from mmpretrain.train import Trainer
+from mmpretrain.trainer import Trainer
 
 
 def shard_inputs(shard: str, n: int = 8) -> dict:

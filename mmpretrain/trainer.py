@@ -1,0 +1,252 @@
+"""The trainer: builds the model, the DeepSpeed engine, the loader and the checkpoint manager from a
+validated config, and runs the loop (steps, logging, preemption, eval, saves)."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from mmpretrain import checkpoint as ckpt_lib
+from mmpretrain import distributed as D
+from mmpretrain import faults, modalities
+from mmpretrain.config import Config, dtype_of, to_yaml
+from mmpretrain.data.pipeline import build_train_loader
+from mmpretrain.data.tokenizer import build_tokenizer
+from mmpretrain.engine import build_engine
+from mmpretrain.eval.report import format_table
+from mmpretrain.eval.suite import EvalSuite, summary_lines
+from mmpretrain.feature_cache import FeatureCache
+from mmpretrain.logging import MetricsLogger, setup_logging
+from mmpretrain.models import build_model
+from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatcher
+from mmpretrain.safe_load import UnsafeCheckpointError
+
+log = logging.getLogger("mmpretrain.train")
+
+NONFINITE_EXIT_CODE = 3
+
+
+class Preempted(Exception):
+    """Every rank saw the preemption flag and the checkpoint is saved."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns the engine, the loader and the counters; `run()` is the loop."""
+
+    def __init__(self, cfg: Config, info: D.DistInfo) -> None:
+        self.cfg, self.info = cfg, info
+        self.out = Path(cfg.run.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        # resume (what, how: exact / universal / weights only) and save cadence: mmpretrain.checkpoint
+        self.checkpointer = ckpt_lib.CheckpointManager(cfg, info, self.ckpt_root)
+        model = build_model(cfg, self.tokenizer.vocab_size)
+        self.checkpointer.prepare_model(model)  # a weights-only resume loads here, before ZeRO partitions
+        self.engine, self.optimizer, self.scheduler = build_engine(
+            cfg, model, info.world_size, load_universal=self.checkpointer.load_universal)
+        self.dtype = dtype_of(cfg.train.precision)
+        seed_everything(cfg.run.seed + 1000 * info.rank)  # per-rank streams (dropout, augment)
+        # built before the checkpoint restores the RNG, as in an uninterrupted run
+        self.loader = build_train_loader(cfg, info.rank, info.world_size, self.tokenizer,
+                                         seed=self.checkpointer.data_seed)
+        self.modality_counts = {m: 0 for m in modalities.names()}
+        progress = self.checkpointer.load(self.engine, self.scheduler, self.loader)
+        self.step, self.samples_seen = progress.step, progress.samples_seen
+        self.modality_counts.update(progress.modality_counts)
+        self.nonfinite_total, self.nonfinite_run = progress.nonfinite_total, 0
+        self._closed = False
+        self.metrics = MetricsLogger(cfg, info.rank, cfg.train.steps, start_step=self.step)
+        self.watcher = PreemptionWatcher(cfg.train.preempt_margin_minutes * 60).install()
+
+    @property
+    def model(self):
+        return self.engine.module.model
+
+    # ------------------------------------------------------------------ pieces
+    def _next_batch(self) -> modalities.Batch:
+        batch = next(self.loader).to(self.engine.device, self.dtype)
+        faults.point("train.batch", step=self.step + 1, batch=batch, rank=self.info.rank)  # NaN tests poison it
+        return batch
+
+    def _grads_finite_stage0(self) -> bool:
+        """ZeRO 1-3 skip non-finite gradients themselves; stage 0 hands them to torch."""
+        finite = [torch.isfinite(p.grad).all() for p in self.engine.module.parameters() if p.grad is not None]
+        bad = bool(finite) and not bool(torch.stack(finite).all())  # one host sync, not one per parameter
+        return not D.any_rank(bad)
+
+    def train_step(self) -> Dict[str, float]:
+        t0 = time.perf_counter()
+        data_wait = 0.0
+        totals: Dict[str, float] = {}
+        bad_terms: List[str] = []
+        skipped_before = self.engine.skipped_steps
+        grads_ok = True
+        cache = None
+        if self.cfg.loss.feature_cache:  # exact big-batch contrastive gradient (mmpretrain.feature_cache)
+            td = time.perf_counter()
+            pending = [self._next_batch() for _ in range(self.cfg.train.grad_accum)]
+            data_wait += time.perf_counter() - td
+            cache = FeatureCache.build(self.model, pending)
+        for micro in range(self.cfg.train.grad_accum):
+            td = time.perf_counter()
+            batch = cache.batches[micro] if cache is not None else self._next_batch()
+            data_wait += time.perf_counter() - td
+            loss, metrics = self.engine(batch) if cache is None else self.engine(batch, feature_cache=cache,
+                                                                                  micro_index=micro)
+            # loss metrics are already summed over ranks (losses.py), so every rank sees the same
+            # non-finite terms and skips the same step without another collective
+            values = {k: float(v) for k, v in metrics.items()}
+            bad_terms.extend(k for k, v in values.items() if k.startswith("loss") and not math.isfinite(v))
+            self.engine.backward(loss)
+            if micro == self.cfg.train.grad_accum - 1 and self.cfg.train.zero_stage == 0:
+                grads_ok = self._grads_finite_stage0()
+                if not grads_ok or bad_terms:
+                    self.engine.client_optimizer.skip_next_step()  # engine.SkippableAdamW
+            self.engine.step()
+            # an fp16/bf16 wrapper that skipped on its own never called the inner step: do not carry the flag over
+            self.engine.client_optimizer.clear_skip()
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v / self.cfg.train.grad_accum
+            n = len(batch)
+            self.samples_seen += n * self.info.world_size
+            present = D.all_reduce_sum(torch.stack([batch.masks[m].sum() for m in self.modality_counts]))
+            for m, c in zip(self.modality_counts, present.tolist()):
+                self.modality_counts[m] += int(c)
+        self.step += 1
+        nonfinite = bool(bad_terms) or not grads_ok or self.engine.skipped_steps > skipped_before
+        self._count_nonfinite(nonfinite, bad_terms)
+        totals["step_time"] = time.perf_counter() - t0
+        totals["data_wait"] = data_wait
+        totals["nonfinite_steps"] = self.nonfinite_total
+        return totals
+
+    def _count_nonfinite(self, nonfinite: bool, bad_terms: List[str]) -> None:
+        if not nonfinite or self.cfg.train.precision == "fp16" and not bad_terms:
+            self.nonfinite_run = 0  # fp16 loss-scale overflows are routine, not failures
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        what = f"loss terms {sorted(set(bad_terms))}" if bad_terms else "gradient (all loss terms finite)"
+        log.warning("step %d skipped: non-finite %s (%d in a row)", self.step, what, self.nonfinite_run)
+        if self.nonfinite_run >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.nonfinite_run} consecutive steps up to step {self.step} had a non-finite {what}; "
+                f"stopping (train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}). Last good checkpoint: "
+                f"{self.checkpointer.latest()}")
+
+    def _record(self, m: Dict[str, float]) -> Dict[str, Any]:
+        mb = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.info.world_size
+        rec: Dict[str, Any] = {"kind": "train", "step": self.step, "samples_seen": self.samples_seen}
+        rec.update(m)
+        rec["lr"] = self.scheduler.get_last_lr()[0]
+        gn = self.engine.get_global_grad_norm()
+        rec["grad_norm"] = float(gn) if gn is not None else None
+        rec["samples_per_s"] = mb / max(m["step_time"], 1e-9)
+        for k, v in self.loader.stats().items():
+            rec[f"data/{k}"] = v
+        return rec
+
+    def progress(self) -> ckpt_lib.Progress:
+        """The counters a checkpoint carries (the manager adds the rest)."""
+        return ckpt_lib.Progress(step=self.step, samples_seen=self.samples_seen,
+                                 modality_counts=dict(self.modality_counts), nonfinite_total=self.nonfinite_total)
+
+    def evaluate(self) -> Optional[Dict[str, Any]]:
+        if not self.cfg.data.eval_urls:
+            return None
+        res = EvalSuite(self.model, self.cfg, self.tokenizer, self.engine.device, self.dtype).periodic()
+        if self.info.is_main:
+            for line in summary_lines(res):
+                log.info("eval step %d: %s", self.step, line)
+        self.metrics.log({"kind": "eval", "step": self.step, **res}, console=False)
+        return res
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        result: Dict[str, Any] = {}
+        if self.step == 0 and cfg.data.eval_urls:
+            result["before"] = self.evaluate()
+        while self.step < cfg.train.steps:
+            m = self.train_step()
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                self.metrics.log(self._record(m))
+            if self.watcher.agreed():  # collective: every rank takes the same branch
+                self.checkpointer.save_now(self.step, self.progress)
+                self.metrics.log({"kind": "preempted", "step": self.step, "reason": self.watcher.flag or "peer"},
+                                 console=True)
+                raise Preempted(f"preempted at step {self.step} ({self.watcher.flag or 'another rank'}); saved")
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
+                self.evaluate()
+            self.checkpointer.save(self.step, self.progress)  # collective; saves when due (train.save_every*)
+        self.checkpointer.save(self.step, self.progress, last=True)  # unless this step is saved already
+        result["after"] = self.evaluate()
+        return result
+
+    def close(self) -> None:
+        """Idempotent: signal handlers, metrics file / wandb, loader workers."""
+        if self._closed:
+            return
+        self._closed = True
+        self.watcher.uninstall()
+        self.metrics.close()
+        self.loader.close()
+
+
+def run(cfg: Config) -> int:
+    """Every rank: discover the launch, start the process group, train; the process exit code."""
+    try:
+        info = D.discover()
+    except D.LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, torch.get_num_threads() // max(info.local_world_size, 1)))
+    D.init(info)  # DeepSpeed wants a process group even for one process
+    setup_logging(cfg.run.output_dir, info.rank)
+    if info.is_main:
+        Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run.output_dir) / "config.yaml").write_text(to_yaml(cfg))
+        (Path(cfg.run.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)  # this is the requeued run
+    log.info("launcher=%s rank=%d/%d local_rank=%d", info.launcher, info.rank, info.world_size, info.local_rank)
+    try:
+        trainer = Trainer(cfg, info)
+    except (UnsafeCheckpointError, FileNotFoundError) as e:  # every rank raises it together
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.run()
+    except Preempted as e:
+        log.warning("%s; exiting with code %d for requeue", e, REQUEUE_EXIT_CODE)
+        if info.is_main:
+            ckpt_lib.atomic_write(Path(cfg.run.output_dir) / PREEMPTED_MARKER, f"{trainer.step} {trainer.watcher.flag}\n")
+        D.barrier()
+        return REQUEUE_EXIT_CODE
+    except NonFiniteError as e:
+        log.error("%s", e)
+        return NONFINITE_EXIT_CODE
+    finally:
+        trainer.close()
+    if info.is_main and result.get("after"):
+        print(format_table(result.get("before"), result["after"]))
+    D.barrier()
+    return 0
+
