@@ -11,16 +11,24 @@ export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= disabled
 # the venv first on PATH: deepspeed JIT-builds its shm op with the venv's ninja, and a mismatch rebuilds it
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+# DeepSpeed's JIT ops (the CPU shm comm op) live in the environment, built once by `make install`:
+# never rebuilt because another venv or checkout built them last, never built (or locked) at start-up
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: install demo test test-fast bench lint clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.ops-built
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+# a separate stamp: a venv installed before this step existed gets its ops built too
+$(VENV)/.ops-built: $(VENV)/.installed mmpretrain/extensions.py
+	$(PY) -m mmpretrain.extensions --build
 	touch $@
 
 demo: install

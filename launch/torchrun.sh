@@ -22,6 +22,8 @@ if [ "$NNODES" = 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
         -m mmpretrain.train "$@"
 fi
 : "${MASTER_ADDR:?set MASTER_ADDR to the host name of one of the nodes}"
+# on the rendezvous host, torchrun's own store binds the port: one line now if another job holds it
+"$PYTHON" -m mmpretrain.preflight --check-port "$MASTER_ADDR" "${MASTER_PORT:-29500}" || exit 2
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
     --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" \
     --rdzv_id="${RDZV_ID:-mmpretrain}" --max_restarts=0 -m mmpretrain.train "$@"

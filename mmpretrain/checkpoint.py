@@ -4,6 +4,7 @@ and resume from the newest complete one. `CheckpointManager` owns a run's resume
 load and how) and its save cadence; the functions below are its parts."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -59,11 +60,97 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave the old file plus a torn temp
+        raise
+
+
+# exit code of a run stopped because a checkpoint could not be written (sysexits EX_IOERR)
+CHECKPOINT_WRITE_EXIT_CODE = 74
+DISK_FULL_EXIT_CODE = CHECKPOINT_WRITE_EXIT_CODE
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error). Raised on every rank
+    together (the save is collective); the partial step directory is removed and `latest` still
+    names the last good checkpoint. The message is one line: directory, bytes needed and free,
+    and the last good checkpoint. The trainer maps it to CHECKPOINT_WRITE_EXIT_CODE."""
+
+    def __init__(self, message: str, root: Path, last_good: Optional[Path], no_space: bool):
+        super().__init__(message)
+        self.root, self.last_good, self.no_space = root, last_good, no_space
+
+
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def _write_error_message(root: Path, step: int, err: Optional[BaseException]) -> CheckpointWriteError:
+    """Every rank builds the same one-line error from the disk's state (not from its own error,
+    which only some ranks have)."""
+    good = complete_checkpoints(root)
+    last_good = good[-1] if good else None
+    needed = _dir_bytes(last_good) if last_good is not None else None
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = -1
+    code = getattr(err, "errno", None)
+    text = str(err) if err is not None else "failed on another rank"
+    no_space = code in _NO_SPACE_ERRNOS or "No space left" in text or "file write failed" in text \
+        or "unexpected pos" in text or (needed is not None and 0 <= free < needed)
+    what = "no space left on device" if no_space else f"write failed ({type(err).__name__ if err else 'another rank'}: {text.splitlines()[0][:200] if text else ''})"
+    need = f"needs ~{needed} bytes (the size of the last checkpoint)" if needed is not None else "needs more space than is free"
+    keep = (f"the last good checkpoint is {last_good} ('latest' is unchanged; resume from it)" if last_good is not None
+            else "no checkpoint of this run is complete yet")
+    msg = (f"checkpoint save at step {step} failed: {what} in {root}; {need}, {free} bytes free; "
+           f"partial {tag_for(step)} removed; {keep}")
+    return CheckpointWriteError(msg, root, last_good, no_space)
+
+
+class _GuardedWrites:
+    """While active, DeepSpeed's file writes (its checkpoint engine's save and the recovery script
+    copy) record the first failure instead of raising, so the failing rank still reaches every
+    collective of engine.save_checkpoint and all ranks can stop together afterwards."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.error = engine, None  # type: Optional[BaseException]
+        self._undo: List[Callable[[], None]] = []
+
+    def _wrap(self, obj: Any, name: str) -> None:
+        if obj is None or not hasattr(obj, name):
+            return
+        orig, had_own = getattr(obj, name), name in vars(obj)
+
+        def guarded(*a: Any, **k: Any) -> Any:
+            if self.error is not None:
+                return None  # the save is lost already: write nothing more
+            try:
+                return orig(*a, **k)
+            except (OSError, RuntimeError) as e:
+                self.error = e
+                return None
+
+        setattr(obj, name, guarded)
+        self._undo.append(lambda: setattr(obj, name, orig) if had_own else delattr(obj, name))
+
+    def __enter__(self) -> "_GuardedWrites":
+        self._wrap(getattr(self.engine, "checkpoint_engine", None), "save")
+        self._wrap(self.engine, "_copy_recovery_script")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for undo in reversed(self._undo):
+            undo()
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -108,16 +195,28 @@ def write_checkpoint(engine, root: Path, step: int, trainer_state: Dict[str, Any
     if rank == 0 and ckpt.exists():
         shutil.rmtree(ckpt)  # a leftover partial save of the same step
     D.barrier()
+    err: Optional[BaseException] = None
     # our own `latest` (below) replaces DeepSpeed's, which it writes before its last barrier
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save({"rng": rng_state(), **rank_state}, ckpt / f"rank_{rank:05d}.pt")
+    with _GuardedWrites(engine) as guard:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    err = guard.error
+    if err is None:
+        try:
+            torch.save({"rng": rng_state(), **rank_state}, ckpt / f"rank_{rank:05d}.pt")
+        except (OSError, RuntimeError) as e:
+            err = e
     faults.point("checkpoint.rank_files_written", step=step, rank=rank)  # crash tests kill a rank here
-    D.barrier()  # every rank's files are on disk
+    _stop_together_if_failed(root, ckpt, step, err)  # a barrier: every rank's files are on disk
     if rank == 0:
-        atomic_write(ckpt / "trainer_state.json", json.dumps(trainer_state, indent=1))
-        atomic_write(ckpt / "config.yaml", config_yaml)
-        atomic_write(ckpt / "COMPLETE", f"{step}\n")
-        atomic_write(root / "latest", tag + "\n")
+        try:
+            atomic_write(ckpt / "trainer_state.json", json.dumps(trainer_state, indent=1))
+            atomic_write(ckpt / "config.yaml", config_yaml)
+            atomic_write(ckpt / "COMPLETE", f"{step}\n")
+            atomic_write(root / "latest", tag + "\n")
+        except OSError as e:
+            err = e
+    _stop_together_if_failed(root, ckpt, step, err)
+    if rank == 0:
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(universal_dir(old), ignore_errors=True)
@@ -130,6 +229,22 @@ def write_checkpoint(engine, root: Path, step: int, trainer_state: Dict[str, Any
         size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
         log.info("saved checkpoint %s (%.1f MiB, %.2f s)", ckpt, size / 2**20, time.perf_counter() - t0)
     return ckpt
+
+
+def _stop_together_if_failed(root: Path, ckpt: Path, step: int, err: Optional[BaseException]) -> None:
+    """Collective (also the barrier of the save): when any rank could not write its part, rank 0
+    removes the partial step directory and every rank raises the same CheckpointWriteError."""
+    if not D.any_rank(err is not None):
+        return
+    if err is not None:
+        log.error("rank %d could not write its part of %s: %s: %s", D.rank(), ckpt, type(err).__name__, err)
+    if D.rank() == 0:
+        (ckpt / "COMPLETE").unlink(missing_ok=True)  # first, so a half-removed dir is never taken as complete
+        shutil.rmtree(ckpt, ignore_errors=True)
+    D.barrier()
+    exc = _write_error_message(root, step, err)
+    log.error("%s", exc)
+    raise exc
 
 
 @dataclass

@@ -8,16 +8,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-import torch
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mmpretrain.plugins import PluginError, load_plugins
+
+if TYPE_CHECKING:  # torch only for annotations: importing it costs seconds, and a refusal must not pay them
+    import torch
 
 
 class ConfigError(ValueError):
@@ -153,6 +156,12 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     # with SLURM_JOB_END_TIME set, save and exit for requeue this long before the limit (0 = off)
     preempt_margin_minutes: float = 0.0
+    # a collective waiting longer than this for a peer fails; the survivors exit with 76
+    # (mmpretrain.lifecycle.PEER_LOST_EXIT_CODE) naming the lost rank
+    dist_timeout_minutes: float = 5.0
+    # no completed step (or eval / save) in this long: every rank dumps its stacks to
+    # logs/hang_rank{r}.txt and exits with 79 (HANG_EXIT_CODE); 0 = off
+    hang_timeout_minutes: float = 0.0
 
 
 @dataclass
@@ -222,15 +231,18 @@ class Config:
 
 # ----------------------------------------------------------------------------- checks
 
-# train.precision / export --dtype name -> torch dtype
-DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# train.precision / export --dtype name -> the name of its torch dtype (names, not dtypes: this
+# module must not import torch, so that a refused config costs a fraction of a second)
+DTYPES: Dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def dtype_of(name: str) -> torch.dtype:
+def dtype_of(name: str) -> "torch.dtype":
     """The torch dtype of a precision name in DTYPES; ValueError naming the choices otherwise."""
     if name not in DTYPES:
         raise ValueError(f"dtype '{name}' is not one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    import torch  # lazy: config checks run (and refuse) without torch; only the trainer / export need dtypes
+
+    return getattr(torch, DTYPES[name])
 
 
 _CHOICES = {
@@ -288,6 +300,8 @@ _RANGES = {
     "eval.generation.top_p": (0.0, 1.0, False),
     "eval.generation.repetition_penalty": (0.0, 100.0, False),
     "train.preempt_margin_minutes": (0.0, None, True),
+    "train.dist_timeout_minutes": (0.0, 1440.0, False),
+    "train.hang_timeout_minutes": (0.0, None, True),
     "train.save_every_minutes": (0.0, None, True),
 }
 
@@ -299,20 +313,59 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
+def _get_dotted(cfg: Config, dotted: str) -> Any:
+    """Like _get, but through list indices and dict keys too ('data.train[0].weight', 'loss.pairs.x')."""
+    obj: Any = cfg
+    for part in dotted.replace("[", ".[").split("."):
+        if part.startswith("["):
+            obj = obj[int(part[1:-1])]
+        elif isinstance(obj, dict):
+            obj = obj[part]
+        else:
+            obj = getattr(obj, part)
+    return obj
+
+
+def _range_text(key: str) -> str:
+    lo, hi, lo_incl = _RANGES[key]
+    return f"{'[' if lo_incl else '('}{'-inf' if lo is None else lo}, {'inf)' if hi is None else f'{hi}]'}"
+
+
+def _non_finite(obj: Any, prefix: str = "") -> Optional[str]:
+    """The dotted key of the first float in the config that is NaN or infinite (no key means
+    either: a NaN passes every `<` / `>` range test, an inf breaks the optimizer or the loss)."""
+    if dataclasses.is_dataclass(obj):
+        items: Any = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    elif isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return prefix if isinstance(obj, float) and not math.isfinite(obj) else None
+    for name, value in items:
+        sub = f"{prefix}{name}" if name.startswith("[") or not prefix else f"{prefix}.{name}"
+        found = _non_finite(value, sub)
+        if found:
+            return found
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError naming the first bad key; checks ranges, choices and shapes."""
+    bad_float = _non_finite(cfg)
+    if bad_float:
+        allowed = f"; allowed {_range_text(bad_float)}" if bad_float in _RANGES else ""
+        raise ConfigError(f"config key '{bad_float}' = {_get_dotted(cfg, bad_float)!r} is not a finite number{allowed}")
     for key, allowed in _CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of {list(allowed)}")
     for key, (lo, hi, lo_incl) in _RANGES.items():
         value = _get(cfg, key)
-        bad = (lo is not None and (value < lo if lo_incl else value <= lo)) or (hi is not None and value > hi)
-        if bad:
-            lo_s = "-inf" if lo is None else f"{lo}"
-            hi_s = "inf" if hi is None else f"{hi}"
-            bracket = "[" if lo_incl else "("
-            raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed {bracket}{lo_s}, {hi_s}]")
+        # written so that NaN fails (every comparison with NaN is False); the walk above refuses it first
+        ok = (lo is None or (value >= lo if lo_incl else value > lo)) and (hi is None or value <= hi)
+        if not ok:
+            raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed {_range_text(key)}")
     for section in ("vision", "audio", "text"):  # the schema's tower sections
         t = getattr(cfg.model, section)
         _check_heads(f"model.{section}", t.width, t.heads, t.depth)
@@ -375,13 +428,64 @@ def _check_heads(prefix: str, width: int, heads: int, depth: int) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one
+    silently: `optim:` twice trained with the second section's lr)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: Dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise _DuplicateKey(f"key '{key}' appears twice in one mapping (lines {first.start_mark.line + 1} "
+                                    f"and {key_node.start_mark.line + 1}); plain YAML would keep only the last")
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _locate(base: Any, data: Any, prefix: str = "") -> Optional[str]:
+    """The dotted key of `data` (a plain dict) whose merge into `base` fails: OmegaConf leaves
+    `full_key` empty when a whole section has the wrong type (`optim: 3`)."""
+    if not isinstance(data, dict):
+        return None
+    for k, v in data.items():
+        dotted = f"{prefix}{k}"
+        nested: Any = v
+        for part in reversed(dotted.split(".")):
+            nested = {part: nested}
+        try:
+            OmegaConf.merge(base, OmegaConf.create(nested))
+        except OmegaConfBaseException:
+            return _locate(base, v, dotted + ".") or dotted
+        except Exception:  # noqa: BLE001 - a value OmegaConf cannot even hold: this key
+            return dotted
+    return None
+
+
 def _merge(base: Any, other: Any, origin: str) -> Any:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as e:  # unknown key or wrong type
-        key = getattr(e, "full_key", None) or "?"
+        key = getattr(e, "full_key", None)
+        if not key:
+            try:
+                key = _locate(base, OmegaConf.to_container(other))
+            except Exception:  # noqa: BLE001 - best effort: the message still says what failed
+                key = None
         msg = str(e).splitlines()[0]
-        raise ConfigError(f"{origin}: config key '{key}' is invalid: {msg}{_allowed_keys(e)}") from None
+        raise ConfigError(f"{origin}: config key '{key or '?'}' is invalid: {msg}{_allowed_keys(e)}") from None
 
 
 def _allowed_keys(e: Exception) -> str:
@@ -408,9 +512,11 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as e:
+            raise ConfigError(f"config file '{path}': {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+            raise ConfigError(f"config file '{path}' is not valid YAML: {_one_line(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
         merged = _merge(merged, OmegaConf.create(raw), f"config file '{path}'")

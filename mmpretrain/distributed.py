@@ -197,8 +197,12 @@ def discover(env: Optional[Mapping[str, str]] = None) -> DistInfo:
     return _single(env)
 
 
-def init(info: DistInfo, timeout_minutes: float = 30.0) -> None:
-    """Start the process group (NCCL on CUDA, gloo on CPU) through DeepSpeed."""
+def init(info: DistInfo, timeout_minutes: float = 5.0) -> None:
+    """Start the process group (NCCL on CUDA, gloo on CPU) through DeepSpeed; a collective that
+    waits longer than `timeout_minutes` for a peer fails (train.dist_timeout_minutes)."""
+    from .extensions import ensure_ops
+
+    ensure_ops()  # DeepSpeed's shm op from the `make install` build: no JIT build, a build lock bounded
     import deepspeed  # lazy: rank discovery and config checks run (and fail fast) before DeepSpeed loads
 
     for k, v in (

@@ -12,6 +12,9 @@ Hook = Callable[..., None]
 
 POINTS: Dict[str, str] = {
     "checkpoint.rank_files_written": "step, rank: this rank's checkpoint files are written, the save is not committed",
+    "train.startup": "rank: start-up, after the process group and the run lock, before the model is built",
+    "train.step_start": "step (the step about to run), rank: the top of a training step",
+    "train.teardown": "rank: after the final save and the trainer's close, before the exit code is returned",
     "train.batch": "step (the step it feeds), batch (on the device; hooks may change it in place), rank",
     "shards.open": "url: a shard is opened for reading",
     "shards.bytes_read": "url, n: n bytes read from a shard",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mmpretrain import checkpoint as ckpt_lib
@@ -29,6 +30,10 @@ from mmpretrain.models import build_model
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 EXPORT_TOKENIZER = "tokenizer"
+
+
+class ExportFileError(RuntimeError):
+    """A file of an export is not what its name says (not a safetensors file, not JSON)."""
 
 
 @dataclass
@@ -50,7 +55,8 @@ def is_export(path: "str | Path") -> bool:
 def load(path: "str | Path") -> Loaded:
     """Config, tokenizer, model and weights from an export or a checkpoint (see the module doc).
     Raises FileNotFoundError for a path that is neither, RuntimeError when the weights do not fit
-    the model, safe_load.UnsafeCheckpointError for a checkpoint file that is not plain data."""
+    the model, safe_load.UnsafeCheckpointError for a checkpoint file that is not plain data,
+    ExportFileError (a RuntimeError) naming an export file that is not safetensors / JSON."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
@@ -80,12 +86,26 @@ def _read_export(d: Path) -> Tuple[Config, Any, Dict[str, torch.Tensor]]:
     if not (d / EXPORT_CONFIG).is_file():
         raise FileNotFoundError(f"{d} is not an export: {EXPORT_CONFIG} is missing "
                                 "(make one with python -m mmpretrain.export)")
-    meta = json.loads((d / EXPORT_CONFIG).read_text())
+    try:
+        meta = json.loads((d / EXPORT_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportFileError(f"export file '{d / EXPORT_CONFIG}' is not a JSON file ({e})") from None
     cfg = from_dict(meta.get("config", meta))
     tok_dir = d / EXPORT_TOKENIZER
     tok = build_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.data.tokenizer)
-    sd = {k: v.float() for k, v in load_file(str(d / EXPORT_WEIGHTS)).items()}
+    sd = {k: v.float() for k, v in _load_safetensors(d / EXPORT_WEIGHTS).items()}
     return cfg, tok, sd
+
+
+def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    """load_file, with a damaged or foreign file named in one line instead of safetensors' bare
+    'header too large' / 'invalid header' message."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        size = path.stat().st_size
+        raise ExportFileError(f"export file '{path}' is not a safetensors file ({size} bytes; safetensors: {e}); "
+                              "re-export it with python -m mmpretrain.export") from None
 
 
 def _read_checkpoint(ckpt: Path) -> Tuple[Config, Any, Dict[str, torch.Tensor]]:

@@ -7,10 +7,7 @@ import logging
 import os
 import signal
 import time
-from typing import Optional
-
-
-from mmpretrain import distributed as D
+from typing import Dict, Optional, Tuple
 
 log = logging.getLogger("mmpretrain.preemption")
 
@@ -21,6 +18,18 @@ REQUEUE_EXIT_CODE = 75
 # in run.output_dir after the save; batch scripts requeue when it exists (it is removed on start)
 PREEMPTED_MARKER = "PREEMPTED"
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_TIME_LIMIT_CODE = 1000  # the agreement's code for "SLURM time limit near" (signals use their numbers)
+_EARLY: Optional["PreemptionWatcher"] = None
+
+
+def install_early() -> "PreemptionWatcher":
+    """Install the flag-only handlers now (idempotent; torch-free, so an entry point can call it
+    before its heavy imports): a USR1/TERM during start-up is then recorded, not fatal. The
+    trainer picks up the same watcher (`install_early()` again) and sets its time-limit margin."""
+    global _EARLY
+    if _EARLY is None:
+        _EARLY = PreemptionWatcher().install()
+    return _EARLY
 
 
 class PreemptionWatcher:
@@ -28,8 +37,14 @@ class PreemptionWatcher:
 
     def __init__(self, time_limit_margin_s: float = 0.0) -> None:
         self.flag: Optional[str] = None
-        self._prev = {}
+        self._prev: Dict[int, object] = {}
         self.deadline: Optional[float] = None
+        # after agreement: the reason and the lowest rank that had it (every rank knows both)
+        self.source: Optional[Tuple[str, int]] = None
+        self.set_margin(time_limit_margin_s)
+
+    def set_margin(self, time_limit_margin_s: float) -> None:
+        self.deadline = None
         end = os.environ.get("SLURM_JOB_END_TIME")  # epoch seconds, set by SLURM >= 21.08
         if end and time_limit_margin_s > 0:
             try:
@@ -39,7 +54,8 @@ class PreemptionWatcher:
 
     def install(self) -> "PreemptionWatcher":
         for sig in _SIGNALS:
-            self._prev[sig] = signal.signal(sig, self._handle)
+            prev = signal.signal(sig, self._handle)
+            self._prev.setdefault(sig, prev)
         return self
 
     def uninstall(self) -> None:
@@ -57,5 +73,23 @@ class PreemptionWatcher:
         return self.flag
 
     def agreed(self) -> bool:
-        """Collective: True on every rank when any rank was signalled."""
-        return D.any_rank(bool(self.local_reason()))
+        """Collective: True on every rank when any rank was signalled; then `source` holds the
+        reason (signal name or time_limit) and the lowest rank that had it, the same on every rank."""
+        import torch
+
+        from mmpretrain import distributed as D
+
+        reason = self.local_reason()
+        code = 0 if reason is None else (_TIME_LIMIT_CODE if reason == "time_limit" else int(signal.Signals[reason]))
+        codes = D.all_gather_nograd(torch.tensor([code], dtype=torch.int64)).tolist()
+        for r, c in enumerate(codes):
+            if c:
+                self.source = ("time_limit" if c == _TIME_LIMIT_CODE else signal.Signals(c).name, r)
+                return True
+        return False
+
+    def describe(self) -> str:
+        """`SIGUSR1 on rank 1`, for logs and the PREEMPTED marker."""
+        if self.source is None:
+            return str(self.flag)
+        return f"{self.source[0]} on rank {self.source[1]}"

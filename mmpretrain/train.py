@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from mmpretrain import preflight
 from mmpretrain.config import ConfigError, load_config
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -24,8 +25,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)  # refused before any process group starts
+        # shards, tokenizer, resume path, run directory, master port: still nothing built or written
+        preflight.check(cfg, args.config)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
         return 2
     # imported only now: torch, DeepSpeed and the model cost seconds, a refusal above does not
     from mmpretrain import trainer

@@ -13,9 +13,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from mmpretrain import lifecycle  # notes the launcher's pid at import (lifecycle.PARENT_AT_IMPORT)
 from mmpretrain import checkpoint as ckpt_lib
 from mmpretrain import distributed as D
-from mmpretrain import faults, modalities
+from mmpretrain import faults, modalities, preemption
 from mmpretrain.config import Config, dtype_of, to_yaml
 from mmpretrain.data.pipeline import build_train_loader
 from mmpretrain.data.tokenizer import build_tokenizer
@@ -50,8 +51,10 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Owns the engine, the loader and the counters; `run()` is the loop."""
 
-    def __init__(self, cfg: Config, info: D.DistInfo) -> None:
+    def __init__(self, cfg: Config, info: D.DistInfo, watcher: Optional[PreemptionWatcher] = None,
+                 watchdog: Optional[lifecycle.Watchdog] = None) -> None:
         self.cfg, self.info = cfg, info
+        self.watchdog = watchdog
         self.out = Path(cfg.run.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -74,7 +77,10 @@ class Trainer:
         self.nonfinite_total, self.nonfinite_run = progress.nonfinite_total, 0
         self._closed = False
         self.metrics = MetricsLogger(cfg, info.rank, cfg.train.steps, start_step=self.step)
-        self.watcher = PreemptionWatcher(cfg.train.preempt_margin_minutes * 60).install()
+        if watcher is None:  # run() installs it first thing (a signal during start-up is kept)
+            watcher = preemption.install_early()
+        watcher.set_margin(cfg.train.preempt_margin_minutes * 60)
+        self.watcher = watcher
 
     @property
     def model(self):
@@ -93,6 +99,7 @@ class Trainer:
         return not D.any_rank(bad)
 
     def train_step(self) -> Dict[str, float]:
+        faults.point("train.step_start", step=self.step + 1, rank=self.info.rank)  # hang tests
         t0 = time.perf_counter()
         data_wait = 0.0
         totals: Dict[str, float] = {}
@@ -169,10 +176,15 @@ class Trainer:
         return ckpt_lib.Progress(step=self.step, samples_seen=self.samples_seen,
                                  modality_counts=dict(self.modality_counts), nonfinite_total=self.nonfinite_total)
 
+    def _beat(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat()
+
     def evaluate(self) -> Optional[Dict[str, Any]]:
         if not self.cfg.data.eval_urls:
             return None
         res = EvalSuite(self.model, self.cfg, self.tokenizer, self.engine.device, self.dtype).periodic()
+        self._beat()
         if self.info.is_main:
             for line in summary_lines(res):
                 log.info("eval step %d: %s", self.step, line)
@@ -183,70 +195,152 @@ class Trainer:
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
         result: Dict[str, Any] = {}
+        if self.watchdog is not None:
+            self.watchdog.arm()  # train.hang_timeout_minutes counts from here
+        if self.watcher.agreed():  # a signal during start-up: nothing new was trained, nothing to save
+            self._preempted(saved=False)
         if self.step == 0 and cfg.data.eval_urls:
             result["before"] = self.evaluate()
         while self.step < cfg.train.steps:
             m = self.train_step()
+            self._beat()
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 self.metrics.log(self._record(m))
             if self.watcher.agreed():  # collective: every rank takes the same branch
                 self.checkpointer.save_now(self.step, self.progress)
-                self.metrics.log({"kind": "preempted", "step": self.step, "reason": self.watcher.flag or "peer"},
-                                 console=True)
-                raise Preempted(f"preempted at step {self.step} ({self.watcher.flag or 'another rank'}); saved")
+                self._preempted(saved=True)
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 self.evaluate()
             self.checkpointer.save(self.step, self.progress)  # collective; saves when due (train.save_every*)
+            self._beat()
         self.checkpointer.save(self.step, self.progress, last=True)  # unless this step is saved already
+        self._beat()
         result["after"] = self.evaluate()
         return result
+
+    def _preempted(self, saved: bool) -> None:
+        rec = {"kind": "preempted", "step": self.step, "reason": self.watcher.describe(),
+               "signal": self.watcher.source[0] if self.watcher.source else None,
+               "signal_rank": self.watcher.source[1] if self.watcher.source else None, "saved": saved}
+        self.metrics.log(rec, console=True)
+        what = "saved" if saved else f"nothing new trained, not saved (last checkpoint: {self.checkpointer.latest()})"
+        raise Preempted(f"preempted at step {self.step} ({self.watcher.describe()}); {what}")
 
     def close(self) -> None:
         """Idempotent: signal handlers, metrics file / wandb, loader workers."""
         if self._closed:
             return
         self._closed = True
-        self.watcher.uninstall()
+        # the preemption handlers stay: a TERM during teardown (after the final save) only sets the
+        # flag, which nothing reads any more, so the run still ends with its own exit code
         self.metrics.close()
         self.loader.close()
 
 
 def run(cfg: Config) -> int:
-    """Every rank: discover the launch, start the process group, train; the process exit code."""
+    """Every rank: discover the launch, start the process group, train; the process exit code.
+
+    Exit codes: 0 done, 2 refused (launch, run directory in use, unsafe or missing checkpoint),
+    3 non-finite, 75 preempted (REQUEUE_EXIT_CODE), 76 a peer rank was lost
+    (lifecycle.PEER_LOST_EXIT_CODE), 79 hang watchdog (lifecycle.HANG_EXIT_CODE)."""
+    # first: a USR1/TERM from here on is recorded (exit 75 at the first step boundary), not fatal
+    watcher = preemption.install_early()
     try:
         info = D.discover()
     except D.LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    parent = None
+    if info.launcher != "single":  # a launcher started us: die with it (a lone run may outlive its shell)
+        lifecycle.die_with_parent(lifecycle.PARENT_AT_IMPORT)
+        parent = lifecycle.PARENT_AT_IMPORT
     torch.set_num_threads(max(1, torch.get_num_threads() // max(info.local_world_size, 1)))
-    D.init(info)  # DeepSpeed wants a process group even for one process
-    setup_logging(cfg.run.output_dir, info.rank)
-    if info.is_main:
-        Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run.output_dir) / "config.yaml").write_text(to_yaml(cfg))
-        (Path(cfg.run.output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)  # this is the requeued run
-    log.info("launcher=%s rank=%d/%d local_rank=%d", info.launcher, info.rank, info.world_size, info.local_rank)
-    try:
-        trainer = Trainer(cfg, info)
-    except (UnsafeCheckpointError, FileNotFoundError) as e:  # every rank raises it together
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+    D.init(info, timeout_minutes=cfg.train.dist_timeout_minutes)  # DeepSpeed wants a process group even for one process
+    out = Path(cfg.run.output_dir)
+    lock = lifecycle.RunLock(out)
+    busy: Optional[BaseException] = None
+    if info.is_main:  # one writer per run directory, taken before anything is written
+        try:
+            lock.acquire()
+        except (lifecycle.RunDirBusy, OSError) as e:
+            busy = e
+    if D.any_rank(busy is not None):
+        if busy is not None:
+            print(f"error: {busy}", file=sys.stderr)
         return 2
     try:
-        result = trainer.run()
-    except Preempted as e:
-        log.warning("%s; exiting with code %d for requeue", e, REQUEUE_EXIT_CODE)
-        if info.is_main:
-            ckpt_lib.atomic_write(Path(cfg.run.output_dir) / PREEMPTED_MARKER, f"{trainer.step} {trainer.watcher.flag}\n")
-        D.barrier()
-        return REQUEUE_EXIT_CODE
-    except NonFiniteError as e:
-        log.error("%s", e)
-        return NONFINITE_EXIT_CODE
+        return _run_locked(cfg, info, watcher, lock, parent)
     finally:
-        trainer.close()
-    if info.is_main and result.get("after"):
-        print(format_table(result.get("before"), result["after"]))
-    D.barrier()
-    return 0
+        lock.release()
 
+
+def _run_locked(cfg: Config, info: D.DistInfo, watcher: PreemptionWatcher, lock: lifecycle.RunLock,
+                parent: Optional[int]) -> int:
+    out = Path(cfg.run.output_dir)
+    setup_logging(cfg.run.output_dir, info.rank)
+    if lock.took_over:
+        log.warning("took over the run directory lock of %s: %s", lifecycle.RunLock.describe(lock.took_over),
+                    lock.took_over["why"])
+    if info.is_main:
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # this is the requeued run
+    log.info("launcher=%s rank=%d/%d local_rank=%d", info.launcher, info.rank, info.world_size, info.local_rank)
+    watchdog = lifecycle.Watchdog(info.rank, info.world_size, out / "logs",
+                                  hang_timeout_s=cfg.train.hang_timeout_minutes * 60, parent=parent).start()
+    trainer: Optional[Trainer] = None
+    try:
+        faults.point("train.startup", rank=info.rank)
+        try:
+            trainer = Trainer(cfg, info, watcher=watcher, watchdog=watchdog)
+        except (UnsafeCheckpointError, FileNotFoundError) as e:  # every rank raises it together
+            log.error("%s", e)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            result = trainer.run()
+        except Preempted as e:
+            log.warning("%s; exiting with code %d for requeue", e, REQUEUE_EXIT_CODE)
+            if info.is_main:
+                src = watcher.source or (watcher.flag, info.rank)
+                ckpt_lib.atomic_write(out / PREEMPTED_MARKER,
+                                      f"step={trainer.step} signal={src[0]} rank={src[1]}\n")
+            D.barrier()
+            return REQUEUE_EXIT_CODE
+        except NonFiniteError as e:
+            log.error("%s", e)
+            return NONFINITE_EXIT_CODE
+        except ckpt_lib.CheckpointWriteError as e:  # every rank raises it together; the partial save is removed
+            log.error("%s", e)
+            return ckpt_lib.CHECKPOINT_WRITE_EXIT_CODE
+        finally:
+            trainer.close()
+        if info.is_main and result.get("after"):
+            print(format_table(result.get("before"), result["after"]))
+        D.barrier()
+        faults.point("train.teardown", rank=info.rank)
+        if watcher.flag:
+            log.info("%s arrived after the final save; the run is complete", watcher.flag)
+        return 0
+    except Exception as e:  # noqa: BLE001 - a collective failed because a peer is gone: say which, exit 76
+        if info.world_size == 1 or not lifecycle.looks_like_peer_loss(e):
+            raise
+        return _peer_lost(e, info, watchdog, cfg)
+    finally:
+        watchdog.stop()
+
+
+def _peer_lost(e: BaseException, info: D.DistInfo, watchdog: lifecycle.Watchdog, cfg: Config) -> int:
+    lost = watchdog.lost_ranks()
+    if lost is None:
+        who = "the rendezvous store is unreachable (rank 0 or the launcher is gone)"
+    elif lost:
+        who = "lost rank " + ", ".join(map(str, lost)) + " (its heartbeat stopped)"
+    else:
+        who = "a peer rank failed or stopped answering (every heartbeat is alive)"
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    msg = (f"rank {info.rank}: {who}; a collective failed after at most train.dist_timeout_minutes="
+           f"{cfg.train.dist_timeout_minutes:g}: {type(e).__name__}: {first}; exiting with "
+           f"{lifecycle.PEER_LOST_EXIT_CODE} (resume from the last checkpoint)")
+    log.error("%s", msg)
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return lifecycle.PEER_LOST_EXIT_CODE

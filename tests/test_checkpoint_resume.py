@@ -90,10 +90,10 @@ def test_preemption_signal_saves_exits_for_requeue_and_resumes(tiny_data, refroo
     tk.wait_for_step(p, out, 4)
     import os
 
-    os.kill(_rank_pid(p, 1), signal.SIGUSR1)  # one rank only: the ranks must agree
+    os.kill(tk.rank_pid(p, 1), signal.SIGUSR1)  # one rank only (of this launcher): the ranks must agree
     assert p.wait(120) == REQUEUE_EXIT_CODE, log.read_text()[-3000:]
-    step, reason = (out / PREEMPTED_MARKER).read_text().split()
-    assert reason == "SIGUSR1" or reason == "None"  # rank 0 saw it from its peer
+    step, sig, rank = (kv.split("=")[1] for kv in (out / PREEMPTED_MARKER).read_text().split())
+    assert (sig, rank) == ("SIGUSR1", "1")  # rank 0 writes it; the signal and its rank are agreed on
     saved = complete_checkpoints(out / "checkpoints")[-1]
     assert saved.name == f"step_{int(step):08d}" and int(step) < 8
     assert tk.run("deepspeed", 2, over, log) == 0, log.read_text()[-3000:]

@@ -44,6 +44,8 @@ def env(**extra: str) -> Dict[str, str]:
     e.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
               "PATH": f"{VENV_BIN}:{e.get('PATH', '')}", "PYTHONUNBUFFERED": "1"})
     e.pop("TRITON_INTERPRET", None)  # attention on SDPA: speed, and the launchers' children agree
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # built by `make install`
+    # MMPRETRAIN_TEST_SESSION (tests/conftest.py) is inherited from os.environ: the end-of-suite orphan check
     e.update(extra)
     return e
 
@@ -145,3 +147,58 @@ def assert_same_weights(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     diff = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.equal(a[k], b[k])}
     assert not diff, f"parameters differ: {dict(list(diff.items())[:5])}"
+
+
+def descendants(pid: int) -> List[int]:
+    """Every live descendant of `pid` (from /proc), children first."""
+    children: Dict[int, List[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        c = todo.pop(0)
+        out.append(c)
+        todo.extend(children.get(c, []))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def rank_pid(p: subprocess.Popen, rank: int) -> int:
+    """The pid of training rank `rank` among the descendants of launcher `p` (its RANK variable)."""
+    for pid in descendants(p.pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"mmpretrain.train" in cmd and f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"rank {rank} of launcher {p.pid} not found")
+
+
+def start_env_ranks(nproc: int, overrides: Sequence[str], log_dir: Path, **env_extra: str) -> List[subprocess.Popen]:
+    """`nproc` ranks started directly (RANK/WORLD_SIZE/MASTER_* exported, no launcher that would
+    tear the others down when one dies), each in its own session; logs in log_dir/rank{r}.out."""
+    port = free_port()
+    procs = []
+    for r in range(nproc):
+        e = env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env_extra)
+        f = open(log_dir / f"rank{r}.out", "ab")
+        procs.append(subprocess.Popen([sys.executable, "-m", "mmpretrain.train", "--config", str(TINY_CONFIG),
+                                       *overrides], cwd=REPO, env=e, stdout=f, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    return procs

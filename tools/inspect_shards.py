@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 from mmpretrain import modalities as M  # noqa: E402
 from mmpretrain.config import SourceConfig  # noqa: E402
 from mmpretrain.data.samples import parse_source  # noqa: E402
-from mmpretrain.data.shards import expand_urls, read_shard, shard_name  # noqa: E402
+from mmpretrain.data.shards import ShardError, expand_urls, read_shard, shard_name, shard_sizes  # noqa: E402
 
 
 def inspect(urls: str, limit: Optional[int] = None, max_pixels: int = 50_000_000) -> Dict:
@@ -32,13 +32,20 @@ def inspect(urls: str, limit: Optional[int] = None, max_pixels: int = 50_000_000
     sizes: Dict[str, int] = {}
     durations: List[float] = []
     dims: List[tuple] = []
+    damaged: Dict[str, Dict[str, object]] = {}
     for url in expand_urls(urls):
         n = 0
-        for raw in read_shard(url):
+        try:  # the reader and the sizes training uses: its positions and skip reasons are ours
+            size = shard_sizes([url], required=False)[0]
+        except ShardError:
+            size = None
+        for raw in read_shard(url, 0, size):
             n += 1
             counts["samples"] += 1
             if raw.error:
                 errors[raw.error] += 1
+                d = damaged.setdefault(shard_name(url), {"detail": raw.detail})
+                d[raw.error] = int(d.get(raw.error, 0)) + 1  # type: ignore[call-overload]
                 continue
             f = raw.files
             found = {name: next((f[e] for e in keys if e in f), None) for name, keys in spec.media_keys.items()}
@@ -54,6 +61,8 @@ def inspect(urls: str, limit: Optional[int] = None, max_pixels: int = 50_000_000
                             errors["image_too_large"] += 1
                         else:
                             im.verify()
+                except Image.DecompressionBombError:  # PIL's own ceiling: the header says too many pixels
+                    errors["image_too_large"] += 1
                 except Exception:
                     errors["image_decode"] += 1
             if aud is not None:
@@ -65,7 +74,8 @@ def inspect(urls: str, limit: Optional[int] = None, max_pixels: int = 50_000_000
             if limit and counts["samples"] >= limit:
                 break
         sizes[shard_name(url)] = n
-    report = {"shards": len(sizes), "counts": dict(counts), "errors": dict(errors), "sizes": sizes}
+    report = {"shards": len(sizes), "counts": dict(counts), "errors": dict(errors), "sizes": sizes,
+              "damaged_shards": damaged}
     if durations:
         d = np.array(durations)
         report["audio_seconds"] = {"min": float(d.min()), "mean": float(d.mean()), "max": float(d.max())}
@@ -113,6 +123,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "image_size" in rep:
         s = rep["image_size"]
         print(f"image size: min {s['min']}  mean [{s['mean'][0]:.0f}, {s['mean'][1]:.0f}]  max {s['max']}")
+    for name, d in sorted(rep["damaged_shards"].items()):
+        print(f"damaged shard {name}: " + ", ".join(f"{k}={v}" for k, v in d.items() if k != "detail")
+              + f" ({d['detail']})")
     print("errors: " + (", ".join(f"{k}={v}" for k, v in sorted(rep["errors"].items())) or "none"))
     return 0
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import Config, DataConfig, SourceConfig
 from .decode import DecodeError, warm_imports
 from .samples import SampleProcessor, SourceSpec, collate, parse_source
-from .shards import expand_urls, shard_sizes
+from .shards import expand_urls, local_path, shard_problem, shard_sizes
 from .streams import EpochLayout, ResampledLayout, WindowedStream, _rng
 from .tokenizer import Tokenizer
 
@@ -57,6 +57,18 @@ def _plan_sources(sources: List[SourceConfig], resampled: bool) -> List[SourcePl
         urls = expand_urls(src.urls)
         if not urls:
             raise DataError(f"source '{src.name}': urls '{src.urls}' match no shards")
+        problems = []
+        for u in urls:
+            lp = local_path(u)
+            p = shard_problem(lp) if lp is not None else None
+            if p:
+                problems.append((u, p))
+        if problems and len(problems) == len(urls):
+            u, p = problems[0]
+            raise DataError(f"source '{src.name}': shard '{u}' {p}"
+                            + (f" (and {len(problems) - 1} more shards like it)" if len(problems) > 1 else ""))
+        for u, p in problems:  # read on: each epoch counts them as skipped 'not_a_tar'
+            log.warning("source '%s': shard '%s' %s; its samples are skipped and counted as not_a_tar", src.name, u, p)
         sizes = shard_sizes(urls, getattr(src, "sizes", None), required=not resampled)
         if not resampled and sum(sizes) == 0:  # type: ignore[arg-type]
             raise DataError(f"source '{src.name}': its {len(urls)} shards hold no samples")

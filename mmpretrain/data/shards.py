@@ -100,19 +100,68 @@ def shard_sizes(urls: List[str], sizes_file: Optional[str] = None, required: boo
 
 @lru_cache(maxsize=4096)
 def count_samples(path: str) -> int:
-    """Number of samples (distinct consecutive keys) in a local tar; reads headers only."""
+    """Number of sample positions read_shard yields for a local tar (reads headers only):
+    distinct consecutive keys, plus one for damage after the last complete member (a truncated
+    or garbled header, no end-of-archive block), and 1 for a file that is not a tar at all, so
+    that the damage is met and counted by the reader instead of silently left out."""
     if not os.path.isfile(path):
         raise ShardError(f"shard '{path}' does not exist")
     n, last = 0, None
     try:
-        with tarfile.open(path, mode="r:") as tf:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
             for ti in _iter_members(tf):
                 key, _ = _split(ti.name)
                 if key is not None and key != last:
                     n, last = n + 1, key
+            _check_end(tf, f, path)
+    except tarfile.ReadError as e:
+        if n == 0 and shard_problem(path):
+            return 1  # one position: the reader yields it as not_a_tar
+        if "unexpected end of data" not in str(e):  # damage at a header: one more position
+            n += 1
     except (tarfile.TarError, OSError, EOFError):
-        pass  # truncated: count what is readable; the reader reports the rest
+        n += 1
     return n
+
+
+_GZIP, _ZSTD, _BZ2, _XZ = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"BZh", b"\xfd7zXZ\x00"
+
+
+def shard_problem(path: str) -> Optional[str]:
+    """Why a local shard cannot be read as an uncompressed tar ('does not exist', 'is empty
+    (0 bytes)', 'is gzip-compressed ...', 'is not a tar file ...'), or None when it opens as one
+    (damage further inside is the reader's to count). Cheap: reads the first header only."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if not os.path.isfile(path):
+        return "is not a regular file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+            if not head:
+                return "is empty (0 bytes)"
+            for magic, kind in ((_GZIP, "gzip"), (_ZSTD, "zstd"), (_BZ2, "bzip2"), (_XZ, "xz")):
+                if head.startswith(magic):
+                    return f"is {kind}-compressed, not a plain tar file (decompress it, or read it through a pipe: url)"
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r:") as tf:
+                tf.next()
+    except tarfile.ReadError as e:
+        return f"is not a tar file ({e})"
+    except OSError as e:
+        return f"cannot be read ({e})"
+    return None
+
+
+def _check_end(tf: tarfile.TarFile, f, url: str) -> None:
+    """After the last member of a seekable tar: the archive must go on with an end-of-archive
+    (zero) block. tarfile treats a file cut at a header, or a garbled header, as a clean end."""
+    f.seek(tf.offset)
+    blk = f.read(tarfile.BLOCKSIZE)
+    if len(blk) < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"unexpected end of archive at byte {tf.offset} of '{url}' (truncated at a header)")
+    if blk.count(0) != tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"invalid header at byte {tf.offset} of '{url}'")
 
 
 class _CountingFile:
@@ -159,12 +208,30 @@ class RawSample:
     detail: str = ""
 
 
+def _reason(e: BaseException, url: str, emitted: int) -> Tuple[str, str]:
+    """Skip reason for a shard's damage: not_a_tar (fails before its first sample),
+    tar_truncated (ends inside a member or a header) or tar_error."""
+    detail = f"{type(e).__name__}: {e}"
+    path = local_path(url)
+    if emitted == 0 and isinstance(e, tarfile.ReadError) and path is not None:
+        problem = shard_problem(path)
+        if problem:
+            return "not_a_tar", f"shard '{url}' {problem}"
+    if isinstance(e, (tarfile.ReadError, EOFError)) and ("unexpected end" in str(e) or "truncated" in str(e)) \
+            or isinstance(e, EOFError):
+        return "tar_truncated", f"shard '{url}' is truncated: {detail}"
+    return "tar_error", f"shard '{url}': {detail}"
+
+
 def read_shard(url: str, start: int = 0, count: Optional[int] = None) -> Iterator[RawSample]:
     """Yield samples [start, start+count) of a shard. Local files seek over skipped samples'
-    data (headers only); pipes read through them. When the shard is short or broken, the
-    missing positions come out as RawSample(error='tar_error') so positions stay exact."""
+    data (headers only); pipes read through them. Damage is never silent: a sample with a
+    duplicated member comes out with error='duplicate_member' (the rest of the shard is read on);
+    a shard that is not a tar, is cut, or is short comes out as error samples (not_a_tar,
+    tar_truncated, tar_error) for its unreadable positions (one when `count` is None), so
+    positions stay exact and the loader's `skipped` counts every lost sample."""
     emitted = 0
-    detail = ""
+    reason, detail = "", ""
     gen = _read(url, start)
     try:
         for sample in gen:
@@ -174,16 +241,20 @@ def read_shard(url: str, start: int = 0, count: Optional[int] = None) -> Iterato
             emitted += 1
             yield sample
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        detail = f"{type(e).__name__}: {e}"
+        reason, detail = _reason(e, url, emitted + start)
     finally:
         try:
             gen.close()
         except Exception:  # a pipe closed early may complain about its exit status
             pass
     if count is not None and emitted < count:
-        detail = detail or f"shard has fewer samples than its size says ({start + emitted} < {start + count})"
+        if not reason:
+            reason = "tar_error"
+            detail = f"shard '{url}' has fewer samples than its size says ({start + emitted} < {start + count})"
         for i in range(emitted, count):
-            yield RawSample(key=f"{shard_name(url)}#{start + i}", url=url, error="tar_error", detail=detail)
+            yield RawSample(key=f"{shard_name(url)}#{start + i}", url=url, error=reason, detail=detail)
+    elif count is None and reason:
+        yield RawSample(key=f"{shard_name(url)}#{start + emitted}", url=url, error=reason, detail=detail)
 
 
 def _read(url: str, start: int) -> Iterator[RawSample]:
@@ -206,13 +277,25 @@ def _read(url: str, start: int) -> Iterator[RawSample]:
                 cur = RawSample(key=key, url=url)
             if index < start:
                 continue
-            if ext in cur.files:
-                raise ValueError(f"duplicate member '{ti.name}' in '{url}'")
+            if cur.error:
+                continue  # a damaged sample: skip its other members' data
+            if ext in cur.files:  # only this sample is lost; the rest of the shard is read on
+                cur.files, cur.error = {}, "duplicate_member"
+                cur.detail = f"duplicate member '{ti.name}' in shard '{url}'"
+                continue
             fobj = tf.extractfile(ti)
             data = fobj.read() if fobj is not None else b""
             if len(data) != ti.size:
-                raise tarfile.ReadError(f"unexpected end of data in member '{ti.name}'")
+                raise tarfile.ReadError(f"unexpected end of data in member '{ti.name}' "
+                                        f"({len(data)} of {ti.size} bytes)")
             cur.files[ext] = data
+        if path is not None:
+            try:
+                _check_end(tf, raw, url)
+            except tarfile.ReadError:
+                if cur is not None and index >= start:
+                    yield cur  # complete: the damage is after it, at the next position
+                raise
         if cur is not None and index >= start:
             yield cur
     finally:

@@ -15,7 +15,7 @@ from mmpretrain.config import SourceConfig  # noqa: E402
 from mmpretrain.data import DataError, build_eval_loader, build_train_loader, build_tokenizer  # noqa: E402
 
 TOK = build_tokenizer("bytes")
-EXPECTED = {"tar_error": 4, "image_decode": 2, "audio_decode": 1, "text_decode": 2, "missing_text": 1,
+EXPECTED = {"tar_truncated": 4, "image_decode": 2, "audio_decode": 1, "text_decode": 2, "missing_text": 1,
             "empty": 1, "image_too_large": 1}
 
 
@@ -117,5 +117,5 @@ def test_training_on_every_corruption_runs_to_the_end_with_exact_counts(tmp_path
     # every kind of corruption was met and counted under its own reason (the shuffle buffer and the
     # worker read ahead, so per-pass exactness is the loader tests' job, with a small buffer)
     assert set(skipped["bad"]) == set(EXPECTED), skipped
-    assert skipped["bad"]["tar_error"] % 4 == 0  # each pass over the cut shard loses exactly its last 4
+    assert skipped["bad"]["tar_truncated"] % 4 == 0  # each pass over the cut shard loses exactly its last 4
     assert all(v > 0 and math.isfinite(v) for v in (last["loss"], last["grad_norm"]))

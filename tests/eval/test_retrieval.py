@@ -139,7 +139,10 @@ def _gather_worker(rank: int, world: int, init_file: str, q):
         feats = torch.full((n, 4), float(rank)) + torch.arange(n)[:, None].float() / 10
         masks = torch.tensor([True, False, True])[:n]  # slice the tensor: an empty list would be float
         labels = torch.arange(n) + 10 * rank
-        q.put((rank, gather_features(feats), gather_features(masks), gather_features(labels)))
+        # numpy arrays, pickled by value: a tensor on an mp.Queue travels as a file descriptor that
+        # the parent fetches from this process's resource_sharer, gone once this process exits
+        # (FileNotFoundError in the parent, issue 13 item 13)
+        q.put((rank, *(gather_features(t).numpy() for t in (feats, masks, labels))))
     finally:
         dist.destroy_process_group()
 
@@ -153,7 +156,7 @@ def test_gather_features_variable_sizes():
         procs = [ctx.Process(target=_gather_worker, args=(r, world, os.path.join(d, "init"), q)) for r in range(world)]
         for p in procs:
             p.start()
-        results = [q.get(timeout=60) for _ in range(world)]
+        results = [(r, *map(torch.from_numpy, arrays)) for r, *arrays in (q.get(timeout=60) for _ in range(world))]
         for p in procs:
             p.join(timeout=60)
             assert p.exitcode == 0

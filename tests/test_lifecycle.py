@@ -1,0 +1,154 @@
+"""The run lifecycle under faults (issue 13, items 2-6), black-box through the CLI: ranks die with
+their launcher, one writer per run directory, a dead rank ends the others with exit 76 naming it,
+the hang watchdog dumps stacks, a preemption signal during start-up exits 75 with PREEMPTED
+naming the signal and its rank, and a TERM during teardown leaves a clean exit."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import lifecyclekit as lk
+import trainkit as tk
+from mmpretrain.lifecycle import HANG_EXIT_CODE, LOCK_NAME, PEER_LOST_EXIT_CODE
+from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
+
+
+def _kill_all(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _step_dirs(out: Path):
+    return sorted(p.name for p in (out / "checkpoints").glob("step_*")) if (out / "checkpoints").exists() else []
+
+
+@pytest.mark.distributed
+def test_ranks_die_with_their_launcher(tiny_data, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    p = tk.start("torchrun", 2, tk.tiny_overrides(out, tiny_data, "train.steps=100000", "train.save_every=2"), log)
+    pids = []
+    try:
+        tk.wait_for_step(p, out, 3)
+        pids = tk.descendants(p.pid)
+        assert len([q for q in pids if tk.alive(q)]) >= 2, pids
+        os.kill(p.pid, signal.SIGKILL)  # the launcher only, not its group (the ranks are in new sessions)
+        t0 = time.time()
+        while any(tk.alive(q) for q in pids) and time.time() - t0 < 10:
+            time.sleep(0.05)
+        gone_s = time.time() - t0
+        assert not any(tk.alive(q) for q in pids), f"orphans still alive {gone_s:.1f} s after the launcher's death"
+        steps, rows = _step_dirs(out), len(tk.train_rows(out))
+        time.sleep(3)
+        assert _step_dirs(out) == steps and len(tk.train_rows(out)) == rows, "something still writes the run"
+        print(f"\nevery rank and worker gone {gone_s:.2f} s after kill -9 of torchrun")
+    finally:
+        _kill_all(pids)
+        tk.kill_group(p)
+
+
+def test_one_writer_per_run_directory(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    first = tk.start("single", 1, tk.tiny_overrides(out, tiny_data, "train.steps=100000"), tmp_path / "first.log")
+    try:
+        tk.wait_for_step(first, out, 1)
+        rows = len(tk.train_rows(out))
+        second_log = tmp_path / "second.log"
+        rc = tk.run("single", 1, tk.tiny_overrides(out, tiny_data, "train.steps=2"), second_log)
+        text = second_log.read_text()
+        assert rc == 2, text[-3000:]
+        errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and f"in use by pid {first.pid} on host" in errors[0], text[-3000:]
+        assert "Traceback" not in text
+        assert first.poll() is None and len(tk.train_rows(out)) >= rows  # the holder goes on undisturbed
+    finally:
+        tk.kill_group(first)  # SIGKILL: the lock stays behind, its holder provably gone
+    assert (out / LOCK_NAME).exists()
+    third_log = tmp_path / "third.log"
+    rc = tk.run("single", 1, tk.tiny_overrides(out, tiny_data, "train.steps=2"), third_log)
+    assert rc == 0, third_log.read_text()[-3000:]
+    assert f"took over the run directory lock of pid {first.pid}" in (out / "logs" / "rank0.log").read_text()
+    assert not (out / LOCK_NAME).exists()  # released at exit
+
+
+@pytest.mark.distributed
+def test_dead_rank_ends_the_others_with_peer_lost_code(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    timeout_min = 0.2
+    procs = tk.start_env_ranks(2, tk.tiny_overrides(out, tiny_data, "train.steps=100000",
+                                                    f"train.dist_timeout_minutes={timeout_min}"), tmp_path)
+    try:
+        tk.wait_for_step(procs[0], out, 3)
+        os.killpg(procs[1].pid, signal.SIGKILL)  # rank 1 and its loader worker
+        t0 = time.time()
+        rc = procs[0].wait(timeout_min * 60 + 30)
+        took = time.time() - t0
+        text = (tmp_path / "rank0.out").read_text()
+        assert rc == PEER_LOST_EXIT_CODE, text[-3000:]
+        assert "lost rank 1" in text, text[-3000:]
+        print(f"\nrank 0 exited {rc} {took:.1f} s after rank 1 was killed")
+    finally:
+        for p in procs:
+            tk.kill_group(p)
+
+
+@pytest.mark.distributed
+def test_hang_watchdog_dumps_every_rank_stacks(tiny_data, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    over = tk.tiny_overrides(out, tiny_data, "train.steps=20", "train.hang_timeout_minutes=0.1",
+                             lk.plugin("hang"))
+    p = tk.start("torchrun", 2, over, log, **{lk.HANG_VAR: "3:-1"})  # every rank sleeps at step 3
+    try:
+        tk.wait_for_step(p, out, 2)
+        t0 = time.time()
+        rc = p.wait(60)
+        took = time.time() - t0
+    finally:
+        tk.kill_group(p)
+    text = log.read_text()
+    assert rc != 0, text[-3000:]
+    for r in (0, 1):
+        dump = out / "logs" / f"hang_rank{r}.txt"
+        assert dump.exists(), text[-3000:]
+        assert "lifecyclekit.py" in dump.read_text() and "train_step" in dump.read_text()
+        assert f"stacks in {dump}" in text and f"exiting with {HANG_EXIT_CODE}" in text
+    print(f"\nhang detected and the run ended {took:.1f} s after step 2 (timeout 6 s)")
+
+
+@pytest.mark.distributed
+def test_preemption_signal_during_startup_exits_for_requeue(tiny_data, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    over = tk.tiny_overrides(out, tiny_data, "train.steps=20", lk.plugin("startup_pause"))
+    p = tk.start("torchrun", 2, over, log, **{lk.STARTUP_DIR_VAR: str(tmp_path), lk.STARTUP_SLEEP_VAR: "3"})
+    try:
+        marker = tmp_path / "startup_rank1"
+        t0 = time.time()
+        while not marker.exists() and p.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.05)
+        assert marker.exists(), log.read_text()[-3000:]
+        os.kill(int(marker.read_text()), signal.SIGUSR1)  # rank 1, while it starts up
+        p.wait(120)
+    finally:
+        tk.kill_group(p)
+    text = log.read_text()
+    assert (out / PREEMPTED_MARKER).read_text().split() == ["step=0", "signal=SIGUSR1", "rank=1"], text[-3000:]
+    ranks_part = text.split("ChildFailedError")[0].split("Traceback (most recent call last)")  # torchrun's own after
+    assert f"exiting with code {REQUEUE_EXIT_CODE}" in ranks_part[0], text[-3000:]
+    assert "Traceback" not in ranks_part[0] and len(ranks_part) <= 2, text[-3000:]
+    assert text.count(f"exitcode  : {REQUEUE_EXIT_CODE}") == 2, text[-3000:]  # torchrun's report: both ranks
+    assert not any("Traceback" in f.read_text() for f in (out / "logs").glob("rank*.log"))
+    assert _step_dirs(out) == []  # nothing was trained, nothing saved
+    assert not tk.train_rows(out)
+
+
+def test_term_during_teardown_is_a_clean_exit(tiny_data, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    rc = tk.run("single", 1, tk.tiny_overrides(out, tiny_data, "train.steps=2", lk.plugin("term_in_teardown")), log)
+    assert rc == 0, log.read_text()[-3000:]
+    assert "SIGTERM arrived after the final save" in (out / "logs" / "rank0.log").read_text()
