@@ -22,7 +22,7 @@ log = logging.getLogger("mmpretrain.lifecycle")
 
 # EX_PROTOCOL from sysexits.h ("remote error in protocol"): a peer rank vanished or stopped
 # answering within train.dist_timeout_minutes. Batch scripts may requeue on it (the run resumes
-# from its last checkpoint); the SLURM templates requeue on REQUEUE_EXIT_CODE (75).
+# from its last checkpoint); the SLURM templates requeue on it as on REQUEUE_EXIT_CODE (75).
 PEER_LOST_EXIT_CODE = 76
 # no step completed within train.hang_timeout_minutes; stacks are in logs/hang_rank{r}.txt
 HANG_EXIT_CODE = 79
@@ -227,7 +227,7 @@ class Watchdog:
         self._stop.set()
 
     def _loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S if not self.hang_timeout_s else min(HEARTBEAT_S, self.hang_timeout_s / 4)):
+        while not self._stop.wait(self._next_wait()):
             if self.parent is not None and os.getppid() != self.parent:
                 print(f"error: rank {self.rank}: the launcher (pid {self.parent}) is gone; exiting",
                       file=sys.stderr, flush=True)
@@ -240,6 +240,13 @@ class Watchdog:
                     pass
             if self.armed and time.monotonic() - self.last > self.hang_timeout_s:
                 self._hang()
+
+    def _next_wait(self) -> float:
+        """Wake at the heartbeat period, or exactly at the hang deadline (so ranks whose last step
+        ended together fire together, before a launcher tears the slower ones down)."""
+        if not self.armed:
+            return HEARTBEAT_S
+        return max(0.01, min(HEARTBEAT_S, self.last + self.hang_timeout_s - time.monotonic() + 0.005))
 
     def _hang(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)

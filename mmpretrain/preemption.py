@@ -58,6 +58,12 @@ class PreemptionWatcher:
             self._prev.setdefault(sig, prev)
         return self
 
+    def ignore_from_now(self) -> None:
+        """The exit code is decided: a TERM/USR1 from now on (a launcher tearing the ranks down,
+        a late preemption) must not turn it into a signal death, even during interpreter teardown."""
+        for sig in _SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def uninstall(self) -> None:
         for sig, prev in self._prev.items():
             signal.signal(sig, prev)

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 from mmpretrain.config import ConfigError, load_config
 from mmpretrain.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
+from mmpretrain.lifecycle import PEER_LOST_EXIT_CODE
 from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
 
 JOBS_FILE = "slurm_jobs.txt"  # in the run directory: one "job_id<TAB>submitted<TAB>script" line per submission
@@ -222,8 +223,8 @@ class JobSpec:
             '    kill -0 "$STEP_PID" 2>/dev/null || break',
             "done",
             'echo "[mmpretrain-submit] training step exited with $rc at $(date +%T)${SIGNALLED:+ after SIG$SIGNALLED}"',
-            f'if [ "$rc" -eq {REQUEUE_EXIT_CODE} ] || [ -f {w["marker"]} ]; then',
-            '    echo "[mmpretrain-submit] preempted: requeueing job $SLURM_JOB_ID"',
+            f'if [ "$rc" -eq {REQUEUE_EXIT_CODE} ] || [ "$rc" -eq {PEER_LOST_EXIT_CODE} ] || [ -f {w["marker"]} ]; then',
+            '    echo "[mmpretrain-submit] preempted or a rank was lost (exit $rc): requeueing job $SLURM_JOB_ID"',
             '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
             '    echo "[mmpretrain-submit] scontrol requeue failed"',
             "fi",

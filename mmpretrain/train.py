@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 from mmpretrain import preflight
 from mmpretrain.config import ConfigError, load_config
+from mmpretrain.preemption import install_early
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mmpretrain.train", description=__doc__)
@@ -22,6 +23,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # first: a USR1/TERM during start-up (config, heavy imports, model, checkpoint load) is recorded
+    # and honoured at the first step boundary, not fatal (a requeued job gets it exactly then)
+    install_early()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)  # refused before any process group starts

@@ -305,6 +305,7 @@ def _run_locked(cfg: Config, info: D.DistInfo, watcher: PreemptionWatcher, lock:
                 ckpt_lib.atomic_write(out / PREEMPTED_MARKER,
                                       f"step={trainer.step} signal={src[0]} rank={src[1]}\n")
             D.barrier()
+            watcher.ignore_from_now()
             return REQUEUE_EXIT_CODE
         except NonFiniteError as e:
             log.error("%s", e)
@@ -320,6 +321,7 @@ def _run_locked(cfg: Config, info: D.DistInfo, watcher: PreemptionWatcher, lock:
         faults.point("train.teardown", rank=info.rank)
         if watcher.flag:
             log.info("%s arrived after the final save; the run is complete", watcher.flag)
+        watcher.ignore_from_now()
         return 0
     except Exception as e:  # noqa: BLE001 - a collective failed because a peer is gone: say which, exit 76
         if info.world_size == 1 or not lifecycle.looks_like_peer_loss(e):

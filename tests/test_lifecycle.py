@@ -38,16 +38,20 @@ def test_ranks_die_with_their_launcher(tiny_data, tmp_path):
         tk.wait_for_step(p, out, 3)
         pids = tk.descendants(p.pid)
         assert len([q for q in pids if tk.alive(q)]) >= 2, pids
+        ranks = [tk.rank_pid(p, r) for r in (0, 1)]
         os.kill(p.pid, signal.SIGKILL)  # the launcher only, not its group (the ranks are in new sessions)
-        t0 = time.time()
+        t0, ranks_s = time.time(), None
         while any(tk.alive(q) for q in pids) and time.time() - t0 < 10:
-            time.sleep(0.05)
+            if ranks_s is None and not any(tk.alive(q) for q in ranks):
+                ranks_s = time.time() - t0
+            time.sleep(0.02)
         gone_s = time.time() - t0
         assert not any(tk.alive(q) for q in pids), f"orphans still alive {gone_s:.1f} s after the launcher's death"
         steps, rows = _step_dirs(out), len(tk.train_rows(out))
         time.sleep(3)
         assert _step_dirs(out) == steps and len(tk.train_rows(out)) == rows, "something still writes the run"
-        print(f"\nevery rank and worker gone {gone_s:.2f} s after kill -9 of torchrun")
+        print(f"\nranks gone {ranks_s or gone_s:.2f} s, their loader workers too {gone_s:.2f} s after kill -9 "
+              "of torchrun")
     finally:
         _kill_all(pids)
         tk.kill_group(p)
@@ -100,20 +104,23 @@ def test_dead_rank_ends_the_others_with_peer_lost_code(tiny_data, tmp_path):
 
 @pytest.mark.distributed
 def test_hang_watchdog_dumps_every_rank_stacks(tiny_data, tmp_path):
-    out, log = tmp_path / "run", tmp_path / "run.log"
+    out = tmp_path / "run"
     over = tk.tiny_overrides(out, tiny_data, "train.steps=20", "train.hang_timeout_minutes=0.1",
                              lk.plugin("hang"))
-    p = tk.start("torchrun", 2, over, log, **{lk.HANG_VAR: "3:-1"})  # every rank sleeps at step 3
+    # ranks without a launcher (torchrun would tear the others down when the first one exits);
+    # every rank sleeps at the top of step 3
+    procs = tk.start_env_ranks(2, over, tmp_path, **{lk.HANG_VAR: "3:-1"})
     try:
-        tk.wait_for_step(p, out, 2)
+        tk.wait_for_step(procs[0], out, 2)
         t0 = time.time()
-        rc = p.wait(60)
+        rcs = [p.wait(60) for p in procs]
         took = time.time() - t0
     finally:
-        tk.kill_group(p)
-    text = log.read_text()
-    assert rc != 0, text[-3000:]
+        for p in procs:
+            tk.kill_group(p)
     for r in (0, 1):
+        text = (tmp_path / f"rank{r}.out").read_text()
+        assert rcs[r] == HANG_EXIT_CODE, text[-3000:]
         dump = out / "logs" / f"hang_rank{r}.txt"
         assert dump.exists(), text[-3000:]
         assert "lifecyclekit.py" in dump.read_text() and "train_step" in dump.read_text()
@@ -141,7 +148,7 @@ def test_preemption_signal_during_startup_exits_for_requeue(tiny_data, tmp_path)
     ranks_part = text.split("ChildFailedError")[0].split("Traceback (most recent call last)")  # torchrun's own after
     assert f"exiting with code {REQUEUE_EXIT_CODE}" in ranks_part[0], text[-3000:]
     assert "Traceback" not in ranks_part[0] and len(ranks_part) <= 2, text[-3000:]
-    assert text.count(f"exitcode  : {REQUEUE_EXIT_CODE}") == 2, text[-3000:]  # torchrun's report: both ranks
+    assert f"exitcode  : {REQUEUE_EXIT_CODE}" in text, text[-3000:]  # torchrun's report of the first to exit
     assert not any("Traceback" in f.read_text() for f in (out / "logs").glob("rank*.log"))
     assert _step_dirs(out) == []  # nothing was trained, nothing saved
     assert not tk.train_rows(out)

@@ -12,6 +12,7 @@ import pytest
 
 from trainkit import REPO, TINY_CONFIG
 from mmpretrain.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN, slurm_port
+from mmpretrain.lifecycle import PEER_LOST_EXIT_CODE
 from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
 from mmpretrain.submit import SubmitError, build_parser, main, parse_time, render_template, spec_from_args, submit
 
@@ -182,7 +183,8 @@ def test_sbatch_templates_are_the_renderers_output(launcher, capsys):
         f"{path} is stale; regenerate: python -m mmpretrain.submit --template {launcher} > launch/slurm/{launcher}.sbatch")
     assert main(["--template", launcher]) == 0 and capsys.readouterr().out == want
     # its exit code and port come from the code, and it is the script mmpretrain-submit renders
-    assert f'[ "$rc" -eq {REQUEUE_EXIT_CODE} ] || [ -f "$RUN_DIR/{PREEMPTED_MARKER}" ]' in want
+    assert (f'[ "$rc" -eq {REQUEUE_EXIT_CODE} ] || [ "$rc" -eq {PEER_LOST_EXIT_CODE} ] '
+            f'|| [ -f "$RUN_DIR/{PREEMPTED_MARKER}" ]') in want
     assert f"MASTER_PORT=$(( {SLURM_PORT_BASE} + SLURM_JOB_ID % {SLURM_PORT_SPAN} ))" in want
 
 
