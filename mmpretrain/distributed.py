@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import socket
 from dataclasses import dataclass
 from typing import List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+from mmpretrain.preflight import free_port
 
 
 class LaunchError(RuntimeError):
@@ -77,12 +78,6 @@ def _slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     return counts[node_id]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _master(env: Mapping[str, str], world: int, launcher: str) -> Tuple[str, int]:
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if world > 1 and (not addr or port is None):
@@ -90,7 +85,7 @@ def _master(env: Mapping[str, str], world: int, launcher: str) -> Tuple[str, int
         raise LaunchError(f"WORLD_SIZE={world} ({launcher}) but {missing} is not set; export the address "
                           "and a free port of the rank-0 host (torchrun and deepspeed do this themselves)")
     if port is None:  # one process: its store is private, so any free port (two runs may share a host)
-        return addr or "127.0.0.1", _free_port()
+        return addr or "127.0.0.1", free_port()
     port_i = _int(env, "MASTER_PORT")
     if not 0 < port_i < 65536:
         raise LaunchError(f"environment variable MASTER_PORT={port_i} is not a TCP port (1-65535)")
