@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
+import sys
+import threading
 import time
-from typing import Dict, Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional, Tuple
 
 log = logging.getLogger("mmpretrain.preemption")
 
@@ -99,3 +103,44 @@ class PreemptionWatcher:
         if self.source is None:
             return str(self.flag)
         return f"{self.source[0]} on rank {self.source[1]}"
+
+
+@contextmanager
+def exit_on_signal_while_blocked(what: str) -> Iterator[None]:
+    """A USR1/TERM during this block ends the process at once with REQUEUE_EXIT_CODE.
+
+    For a blocking call in C (the rendezvous: a rank waits on a peer or a port that never
+    answers) Python's handlers only run once the call returns, so a launcher tearing its ranks
+    down (SIGTERM, then SIGKILL 30 s later) or a preemption waited for the whole timeout. The
+    interpreter writes each caught signal to a wakeup fd even then; a thread reads it. Nothing
+    is trained yet and the ranks cannot agree, so no save and no marker: the exit code says it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set the wakeup fd
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    prev = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    done = threading.Event()
+    wanted = {int(s) for s in _SIGNALS}
+
+    def watch() -> None:
+        while not done.is_set():
+            if not select.select([r], [], [], 0.2)[0]:
+                continue
+            for signum in os.read(r, 64):
+                if signum in wanted and not done.is_set():
+                    sys.stderr.write(f"mmpretrain: {signal.Signals(signum).name} during {what}, before any step: "
+                                     f"exiting with code {REQUEUE_EXIT_CODE} for requeue (nothing to save)\n")
+                    sys.stderr.flush()
+                    os._exit(REQUEUE_EXIT_CODE)
+
+    thread = threading.Thread(target=watch, name="mmpretrain-rendezvous-signals", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(prev)
+        thread.join()
+        os.close(r)
+        os.close(w)

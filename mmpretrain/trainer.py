@@ -255,7 +255,8 @@ def run(cfg: Config) -> int:
         lifecycle.die_with_parent(lifecycle.PARENT_AT_IMPORT)
         parent = lifecycle.PARENT_AT_IMPORT
     torch.set_num_threads(max(1, torch.get_num_threads() // max(info.local_world_size, 1)))
-    D.init(info, timeout_minutes=cfg.train.dist_timeout_minutes)  # DeepSpeed wants a process group even for one process
+    with preemption.exit_on_signal_while_blocked("the rendezvous"):  # a blocked C call: handlers cannot run
+        D.init(info, timeout_minutes=cfg.train.dist_timeout_minutes)  # DeepSpeed wants a process group even for one
     out = Path(cfg.run.output_dir)
     lock = lifecycle.RunLock(out)
     busy: Optional[BaseException] = None

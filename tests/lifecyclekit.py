@@ -45,3 +45,35 @@ def term_in_teardown() -> None:
         time.sleep(0.5)
 
     faults.register("train.teardown", hook)
+
+
+SLOW_AFTER_VAR = "LIFECYCLE_SLOW_AFTER"  # "STEP:SECONDS": in a job's first run only, sleep before each later step
+
+
+def slow_first_run() -> None:
+    """Keep a SLURM job's first run slow after a few steps, so a test's signal always lands mid-run
+    while the requeued run goes at full speed (the test stays short and cannot race the end)."""
+    after, pause = os.environ[SLOW_AFTER_VAR].split(":")
+    if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+        return
+
+    def hook(step: int, rank: int) -> None:
+        if step > int(after):
+            time.sleep(float(pause))
+
+    faults.register("train.step_start", hook)
+
+
+MODULES_OUT_VAR = "LIFECYCLE_MODULES_OUT"  # a file: the heavy modules this rank had imported at teardown
+
+
+def record_modules() -> None:
+    import json
+    import sys
+
+    def hook(rank: int) -> None:
+        names = ("torch._inductor.compile_fx", "deepspeed.runtime.zero.muon.original_muon")
+        Path(os.environ[MODULES_OUT_VAR]).write_text(json.dumps(
+            {n: getattr(sys.modules.get(n), "__file__", None) is not None for n in names}))
+
+    faults.register("train.teardown", hook)

@@ -31,19 +31,25 @@ def reference(stage: int, data: Path, root: Path) -> Path:
     return _REFS[stage]
 
 
+def assert_loss_falls(losses: dict, stage: int) -> None:
+    assert sorted(losses) == list(range(1, 9))
+    first, last = sum(losses[s] for s in (1, 2)) / 2, sum(losses[s] for s in (6, 7, 8)) / 3
+    assert last < first - 0.1, f"ZeRO-{stage} loss did not fall: {losses}"
+
+
 @pytest.fixture(scope="module")
 def refroot(tmp_path_factory):
     _REFS.clear()
     return tmp_path_factory.mktemp("refs")
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-2 gets its SIGKILL in the middle of a save below (test_kill_during_save_keeps_previous_checkpoint,
+# the harder moment) and its preemption resume after that: both are checked bit-exact against the same reference
+@pytest.mark.parametrize("stage", [1, 3])
 def test_zero_stage_trains_and_sigkill_resume_is_bit_exact(stage, tiny_data, refroot, tmp_path):
     ref = reference(stage, tiny_data, refroot)
     ref_losses = tk.losses_by_step(ref)
-    assert sorted(ref_losses) == list(range(1, 9))
-    first, last = sum(ref_losses[s] for s in (1, 2)) / 2, sum(ref_losses[s] for s in (6, 7, 8)) / 3
-    assert last < first - 0.1, f"ZeRO-{stage} loss did not fall: {ref_losses}"
+    assert_loss_falls(ref_losses, stage)
 
     out, log = tmp_path / "run", tmp_path / "run.log"
     over = tk.tiny_overrides(out, tiny_data, *STEPS, f"train.zero_stage={stage}")
@@ -61,6 +67,7 @@ def test_zero_stage_trains_and_sigkill_resume_is_bit_exact(stage, tiny_data, ref
 
 def test_kill_during_save_keeps_previous_checkpoint(tiny_data, refroot, tmp_path):
     ref = reference(2, tiny_data, refroot)
+    assert_loss_falls(tk.losses_by_step(ref), 2)
     out, log = tmp_path / "run", tmp_path / "run.log"
     over = tk.tiny_overrides(out, tiny_data, *STEPS, "train.zero_stage=2")
     rc = tk.run("torchrun", 2, [*over, faultkit.plugin("kill_in_save")], log, **{faultkit.KILL_IN_SAVE_VAR: "6"})

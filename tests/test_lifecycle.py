@@ -159,3 +159,59 @@ def test_term_during_teardown_is_a_clean_exit(tiny_data, tmp_path):
     rc = tk.run("single", 1, tk.tiny_overrides(out, tiny_data, "train.steps=2", lk.plugin("term_in_teardown")), log)
     assert rc == 0, log.read_text()[-3000:]
     assert "SIGTERM arrived after the final save" in (out / "logs" / "rank0.log").read_text()
+
+
+_BLOCKED_IN_RENDEZVOUS = """
+import socket, sys, datetime
+from mmpretrain import preemption
+import torch.distributed as dist
+preemption.install_early()
+port = int(sys.argv[1])
+with preemption.exit_on_signal_while_blocked("the rendezvous"):
+    print("connecting", flush=True)
+    # a client store to a port that accepts the connection but never answers: blocked in C++
+    dist.TCPStore("127.0.0.1", port, 2, False, timeout=datetime.timedelta(seconds=120))
+print("returned", flush=True)
+"""
+
+
+def test_signal_during_a_blocked_rendezvous_exits_for_requeue_at_once(tmp_path):
+    """The launcher's SIGTERM reaches a rank stuck in the rendezvous (before: ignored until the
+    store timeout or the launcher's SIGKILL 30 s later)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        p = subprocess.Popen([sys.executable, "-c", _BLOCKED_IN_RENDEZVOUS, str(silent.getsockname()[1])],
+                             env=tk.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        try:
+            assert p.stdout.readline().strip() == "connecting"
+            time.sleep(1.0)  # inside the blocking call
+            t0 = time.perf_counter()
+            p.send_signal(signal.SIGTERM)
+            rc = p.wait(20)
+            took = time.perf_counter() - t0
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    err = p.stderr.read()
+    assert rc == REQUEUE_EXIT_CODE, err
+    assert "SIGTERM during the rendezvous" in err and took < 3, (took, err)
+
+
+def test_start_up_does_not_load_inductor_for_deepspeeds_muon(tiny_data, tmp_path):
+    """DeepSpeed's ZeRO path imports its Muon optimizer (torch.compile at import: TorchInductor,
+    ~3-4 s of CPU per rank); a whole ZeRO-2 run must train without loading it."""
+    import json
+
+    out, log, rec = tmp_path / "run", tmp_path / "run.log", tmp_path / "modules.json"
+    over = tk.tiny_overrides(out, tiny_data, "train.steps=2", "train.zero_stage=2", lk.plugin("record_modules"))
+    assert tk.run("single", 1, over, log, **{lk.MODULES_OUT_VAR: str(rec)}) == 0, log.read_text()[-3000:]
+    assert json.loads(rec.read_text()) == {"torch._inductor.compile_fx": False,
+                                           "deepspeed.runtime.zero.muon.original_muon": False}
+    assert len(tk.train_rows(out)) == 2

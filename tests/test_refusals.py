@@ -244,4 +244,6 @@ def test_deepspeed_launch_on_a_taken_port_says_so(shards, tmp_path, taken_port):
     assert said is not None and said < 90, text[-3000:]
     assert "EADDRINUSE" not in text and "Traceback" not in text, text[-3000:]
     assert not out.exists()
+    # the other rank, blocked in the rendezvous, ends on the launcher's SIGTERM (before: its SIGKILL 30 s later)
+    assert took < said + 15, f"launcher done {took - said:.1f} s after the refusal\n" + text[-3000:]
     print(f"deepspeed launch on a taken port: refused after {said:.1f} s, launcher done in {took:.1f} s")

@@ -14,10 +14,14 @@ from typing import Dict, List
 
 import pytest
 
+import lifecyclekit as lk
 import trainkit as tk
 
-STEPS = 240
+STEPS = 40
 SIGNAL_AFTER_STEP = 3  # signal once this many steps are logged
+# the first run sleeps 0.5 s before each step after this one, so the signal lands mid-run however
+# loaded the machine; the requeued run trains the rest at full speed
+SLOW_AFTER = SIGNAL_AFTER_STEP
 JOB_TIMEOUT_S = 300
 
 
@@ -42,7 +46,7 @@ def _wait(cond, timeout: float, what: str, diag) -> None:
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path, launcher):
     t0 = time.time()
-    env = dict(os.environ, **slurm_cluster, OMP_NUM_THREADS="1")
+    env = dict(os.environ, **slurm_cluster, OMP_NUM_THREADS="1", **{lk.SLOW_AFTER_VAR: f"{SLOW_AFTER}:0.5"})
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     for k in [k for k in env if k.startswith(("SLURM_JOB", "SLURM_STEP", "SLURM_PROCID", "RANK", "WORLD_SIZE"))]:
         env.pop(k)  # pytest itself may run inside a job
@@ -52,7 +56,7 @@ def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path, launcher):
     sub = _run([sys.executable, "-m", "mmpretrain.submit", "--config", str(tk.TINY_CONFIG), "--launcher", launcher,
                 "--gpus-per-node", "0", "--procs-per-node", "2", *procs, "--time", "15", "--signal-seconds", "120",
                 "--workdir", str(tk.REPO), *tk.tiny_overrides(run_dir, data), f"train.steps={STEPS}", "train.log_every=1",
-                "train.save_every=0"], env, cwd=tk.REPO)
+                "train.save_every=0", lk.plugin("slow_first_run")], env, cwd=tk.REPO)
     assert sub.returncode == 0, sub.stderr
     job_id = (run_dir / "slurm_jobs.txt").read_text().split("\t")[0]
     assert job_id.isdigit() and f"submitted job {job_id}" in sub.stdout
