@@ -14,6 +14,7 @@ setup(
         "torch>=2.1",
         "deepspeed>=0.14",
         "accelerate>=0.30",
+        "transformers>=4.40",  # pretrained towers from local HF directories; HF-loadable exports
         "webdataset>=0.2.86",
         "tokenizers>=0.15",
         "omegaconf>=2.3",

@@ -51,6 +51,9 @@ class SourceConfig:
 class AudioDataConfig:
     sample_rate: int = 16000
     clip_seconds: float = 1.0
+    # an HF feature extractor directory (preprocessor_config.json) run on each decoded clip in the
+    # loader workers; None = the waveform (native tower). Filled from model.audio.hf_path for kind=hf
+    feature_extractor: Optional[str] = None
 
 
 @dataclass
@@ -71,15 +74,33 @@ class DataConfig:
     crop_min_scale: float = 0.9  # random resized crop: smallest area share kept
     hflip: bool = True
     max_image_pixels: int = 50_000_000  # larger images (decompression bombs) are skipped unread
+    # image normalisation per RGB channel; None = CLIP's statistics, or the image processor's
+    # (preprocessor_config.json) for model.vision.kind=hf, filled in before training starts
+    image_mean: Optional[List[float]] = None
+    image_std: Optional[List[float]] = None
 
 
 @dataclass
-class TowerConfig:
+class TowerBase:
+    """What every tower section has: its kind, its shape, and how it is initialised and frozen
+    (every kind; mmpretrain.models.freeze, mmpretrain.models.hf)."""
+
     kind: str = "native"  # the tower builder registered for this modality (mmpretrain.modalities)
     width: int = 128
     depth: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
+    hf_path: Optional[str] = None  # kind=hf: a local transformers model directory (never downloaded)
+    init: str = "auto"  # auto (hf weights for kind=hf, random otherwise) | random | hf | path to our export/checkpoint
+    pooling: str = "auto"  # kind=hf: text cls|mean|eos, image cls|mean; auto = what the model family does
+    lock: bool = False  # freeze the tower: no gradients, no optimizer state, forward without autograd
+    unlock_last_n_layers: int = 0  # with lock: the last n encoder layers (and the final norm) still train
+    unlock_layernorm: bool = False  # with lock: LayerNorm weights still train (LayerNorm-only tuning)
+    lr_mult: float = 1.0  # this tower's learning rate = optim.lr x lr_mult (projections keep optim.lr)
+
+
+@dataclass
+class TowerConfig(TowerBase):
     patch_size: int = 8  # vision: pixels; audio: mel bins x frames
     stem: str = "patch"  # vision: patch (one linear patchify) | conv (3x3 stride-2 convs; patch_size a power of 2)
 
@@ -93,12 +114,11 @@ class AudioTowerConfig(TowerConfig):
 
 
 @dataclass
-class TextTowerConfig:
-    kind: str = "native"
-    width: int = 128
-    depth: int = 2  # unimodal causal layers (the contrastive text embedding)
-    heads: int = 4
-    mlp_ratio: float = 4.0
+class TextTowerConfig(TowerBase):
+    """depth: the unimodal causal layers (the contrastive text embedding). With kind=hf, width /
+    depth / heads / mlp_ratio shape the small causal text module the caption decoder reads (an HF
+    encoder sees future tokens, so its states cannot feed a captioner)."""
+
     decoder_depth: int = 0  # multimodal decoder layers (captioning); 0 = off
     decoder_queries: int = 16  # attentional-pooler queries per modality; 0 = attend to every token
 
@@ -369,13 +389,20 @@ def validate(cfg: Config) -> None:
     for section in ("vision", "audio", "text"):  # the schema's tower sections
         t = getattr(cfg.model, section)
         _check_heads(f"model.{section}", t.width, t.heads, t.depth)
-    if cfg.data.image_size % cfg.model.vision.patch_size:
+        _check_tower_init(f"model.{section}", t)
+    _check_text_tokenizer(cfg)
+    for key in ("data.image_mean", "data.image_std"):
+        v = _get(cfg, key)
+        if v is not None and (len(v) != 3 or (key.endswith("std") and min(v) <= 0)):
+            raise ConfigError(f"config key '{key}' = {list(v)} must be 3 numbers (R, G, B){', each > 0' if key.endswith('std') else ''}")
+    native_vit = cfg.model.vision.kind != "hf"  # the patch checks are the native ViT's
+    if native_vit and cfg.data.image_size % cfg.model.vision.patch_size:
         raise ConfigError(
             f"config key 'data.image_size' = {cfg.data.image_size} must be a multiple of "
             f"'model.vision.patch_size' = {cfg.model.vision.patch_size}"
         )
     ps = cfg.model.vision.patch_size
-    if cfg.model.vision.stem == "conv" and (ps < 2 or ps & (ps - 1)):
+    if native_vit and cfg.model.vision.stem == "conv" and (ps < 2 or ps & (ps - 1)):
         raise ConfigError(f"config key 'model.vision.patch_size' = {ps} must be a power of 2 >= 2 with model.vision.stem=conv")
     if cfg.model.audio.n_mels % cfg.model.audio.patch_size:
         raise ConfigError(
@@ -416,6 +443,50 @@ def validate(cfg: Config) -> None:
     bad_t = [t for t in cfg.eval.templates if "{}" not in t]
     if bad_t:
         raise ConfigError(f"config key 'eval.templates' has entries without '{{}}' (the class name slot): {bad_t}")
+
+
+TOWER_INITS = ("auto", "random", "hf")  # any other value of model.<tower>.init is a path
+POOLINGS = {"vision": ("auto", "cls", "mean"), "audio": ("auto", "cls", "mean"), "text": ("auto", "cls", "mean", "eos")}
+
+
+def _check_tower_init(prefix: str, t: Any) -> None:
+    """hf_path / init / pooling / lock keys of one tower section (no file system: preflight checks paths)."""
+    section = prefix.split(".")[-1]
+    if t.kind == "hf" and not t.hf_path:
+        raise ConfigError(f"config key '{prefix}.hf_path' is required with '{prefix}.kind' = 'hf' "
+                          "(a local transformers model directory)")
+    if not t.init:
+        raise ConfigError(f"config key '{prefix}.init' is empty; give one of {list(TOWER_INITS)} or a path")
+    if t.init == "hf" and t.kind != "hf":
+        raise ConfigError(f"config key '{prefix}.init' = 'hf' needs '{prefix}.kind' = 'hf' (it is {t.kind!r})")
+    if t.pooling not in POOLINGS[section]:
+        raise ConfigError(f"config key '{prefix}.pooling' = {t.pooling!r} is not allowed; choose one of "
+                          f"{list(POOLINGS[section])}")
+    if t.pooling != "auto" and t.kind != "hf":
+        raise ConfigError(f"config key '{prefix}.pooling' = {t.pooling!r} applies to kind=hf towers only "
+                          f"('{prefix}.kind' = {t.kind!r})")
+    if t.unlock_last_n_layers < 0:
+        raise ConfigError(f"config key '{prefix}.unlock_last_n_layers' = {t.unlock_last_n_layers} must be >= 0")
+    if (t.unlock_last_n_layers or t.unlock_layernorm) and not t.lock:
+        which = "unlock_last_n_layers" if t.unlock_last_n_layers else "unlock_layernorm"
+        raise ConfigError(f"config key '{prefix}.{which}' has an effect only with '{prefix}.lock' = true")
+    if not 0 <= t.lr_mult <= 1000:
+        raise ConfigError(f"config key '{prefix}.lr_mult' = {t.lr_mult} is out of range; allowed [0, 1000]")
+
+
+def _same_path(a: str, b: str) -> bool:
+    import os
+
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+
+
+def _check_text_tokenizer(cfg: Config) -> None:
+    """With an HF text tower the tokenizer is the tower's: data.tokenizer 'bytes' (the default) or that path."""
+    t = cfg.model.text
+    if t.kind == "hf" and t.hf_path and cfg.data.tokenizer != "bytes" and not _same_path(cfg.data.tokenizer, t.hf_path):
+        raise ConfigError(f"config key 'data.tokenizer' = {cfg.data.tokenizer!r} differs from 'model.text.hf_path' = "
+                          f"{t.hf_path!r}: an HF text tower reads only its own tokenizer (leave data.tokenizer "
+                          "at 'bytes' to mean the tower's)")
 
 
 def _check_heads(prefix: str, width: int, heads: int, depth: int) -> None:

@@ -3,7 +3,7 @@ clipping, AdamW parameter groups and the warmup + cosine schedule."""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,9 @@ NO_DECAY_EMBEDDINGS = (
     "cls",  # class tokens
     "decoder.modality_embed.*",  # which modality a caption context token comes from
     "decoder.poolers.*.queries",  # attentional-pooler queries
+    # HF towers' embeddings held as bare parameters (nn.Embedding tables are exempt by module type)
+    "embeddings.cls_token", "embeddings.position_embeddings", "embeddings.mask_token",
+    "embeddings.register_tokens",
 )
 
 
@@ -62,21 +65,51 @@ def is_no_decay_embedding(name: str) -> bool:
     return False
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """[decayed, not decayed] AdamW groups of the trainable parameters: ndim >= 2 decays unless
-    it is an embedding in NO_DECAY_EMBEDDINGS; ndim < 2 never decays."""
-    decay, no_decay = [], []
+def tower_of(name: str) -> Optional[str]:
+    """The modality whose tower holds parameter `name` ('...towers.<m>.*'), else None."""
+    parts = name.split(".")
+    return parts[parts.index("towers") + 1] if "towers" in parts[:-1] else None
+
+
+def tower_lr_mults(cfg: Config) -> Dict[str, float]:
+    """modality -> model.<section>.lr_mult, for towers whose multiplier is not 1."""
+    out = {}
+    for m in M.all_modalities():
+        t = getattr(cfg.model, m.config_section, None) if m.config_section else None
+        mult = float(getattr(t, "lr_mult", 1.0)) if t is not None else 1.0
+        if mult != 1.0:
+            out[m.name] = mult
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: Optional[float] = None,
+                 lr_mults: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+    """AdamW groups of the trainable parameters (frozen ones, requires_grad=False, are left out: no
+    optimizer state): [decayed, not decayed], then the same pair for each tower in `lr_mults`
+    (modality -> multiplier) with lr = `lr` x multiplier; the LR schedule scales each group's
+    initial lr, so the ratio holds throughout. ndim >= 2 decays unless it is an embedding
+    (an nn.Embedding's table or a name in NO_DECAY_EMBEDDINGS); ndim < 2 never decays."""
+    lr_mults = {m: v for m, v in (lr_mults or {}).items() if v != 1.0}
+    if lr_mults and lr is None:
+        raise ValueError("param_groups: lr_mults need the base lr")
+    tables = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)}
+    buckets: Dict[Tuple[Optional[str], bool], List[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or is_no_decay_embedding(name):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        tower = tower_of(name)
+        key = tower if tower in lr_mults else None
+        decays = not (p.ndim < 2 or id(p) in tables or is_no_decay_embedding(name))
+        buckets.setdefault((key, decays), []).append(p)
+    groups = [{"params": buckets.get((None, True), []), "weight_decay": weight_decay},
+              {"params": buckets.get((None, False), []), "weight_decay": 0.0}]
+    for tower, mult in sorted(lr_mults.items()):
+        for decays in (True, False):
+            params = buckets.get((tower, decays), [])
+            if params:
+                groups.append({"params": params, "weight_decay": weight_decay if decays else 0.0,
+                               "lr": lr * mult, "name": f"towers.{tower}" + ("" if decays else ".no_decay")})
+    return groups
 
 
 def lr_lambda(cfg: Config):
@@ -189,7 +222,7 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal:
 
     module.universal_checkpoint_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
     opt = SkippableAdamW(
-        param_groups(module, cfg.optim.weight_decay),
+        param_groups(module, cfg.optim.weight_decay, cfg.optim.lr, tower_lr_mults(cfg)),
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,

@@ -22,14 +22,15 @@ from typing import Any, Dict, Optional, Sequence
 from safetensors.torch import save_file
 
 from mmpretrain import checkpoint as ckpt_lib
-from mmpretrain import loading
+from mmpretrain import export_clip, loading, model_card
 from mmpretrain.config import DTYPES, config_hash, dtype_of, to_dict
+from mmpretrain.models.hf import save_tower_assets
 from mmpretrain.safe_load import UnsafeCheckpointError
 
 EXPORT_FORMAT = "mmpretrain-export/1"
 
 
-def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32") -> Path:
+def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32", clip: str = "auto") -> Path:
     """Write the export; returns `out`. Written to a temporary sibling and renamed, so a crash
     never leaves a half-written export under `out`. The export is readable by others as far as
     the umask allows (directories 0777 & ~umask, files 0666 & ~umask), like any other file."""
@@ -42,6 +43,7 @@ def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32") -> 
     trainer = ckpt_lib.read_trainer_state(ckpt)
     meta: Dict[str, Any] = {
         "format": EXPORT_FORMAT,
+        "model_type": "mmpretrain", "architectures": ["MMPretrainModel"],  # AutoModel after `import mmpretrain.hf`
         "config": to_dict(cfg),
         "config_hash": config_hash(cfg),
         "dtype": dtype,
@@ -51,13 +53,21 @@ def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32") -> 
         "samples_seen": trainer.get("samples_seen"),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    clip_why = export_clip.skip_reason(loaded, clip)  # None: a transformers.CLIPModel goes to out/clip
+    meta["clip"] = export_clip.CLIP_DIR if clip_why is None else f"not exported: {clip_why}"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / loading.EXPORT_WEIGHTS), metadata={"format": EXPORT_FORMAT, "dtype": dtype})
+        save_file(tensors, str(tmp / loading.EXPORT_WEIGHTS), metadata={"format": "pt",  # what transformers' loaders check
+                                                                          "mmpretrain_format": EXPORT_FORMAT, "dtype": dtype})
         (tmp / loading.EXPORT_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
-        tok.save(str(tmp / loading.EXPORT_TOKENIZER))
+        tok.save(str(tmp / loading.EXPORT_TOKENIZER), cfg.data.text_max_len)
+        tok.save(str(tmp), cfg.data.text_max_len)  # AutoTokenizer.from_pretrained(out) reads the root
+        if clip_why is None:
+            export_clip.export_clip(loaded, tmp / export_clip.CLIP_DIR, torch_dtype)
+        model_card.write(tmp, cfg, meta, tok.vocab_size, ckpt, clip_why, loaded.model)
+        save_tower_assets(cfg, tmp)  # HF towers' config / tokenizer / processor: loads without their hf_path
         _share(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -85,6 +95,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step_XXXXXXXX dir")
     p.add_argument("--out", required=True, help="export directory (replaced if it exists)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--clip", default="auto", choices=export_clip.CLIP_MODES,
+                   help="also write the image-text towers as a transformers.CLIPModel into OUT/clip: auto = when "
+                        "the towers map onto CLIP exactly (else say why and skip), require = fail when not, off")
     return p.parse_args(argv)
 
 
@@ -93,13 +106,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     try:
         src = ckpt_lib.resolve_checkpoint(args.checkpoint)
-        out = export(src, args.out, args.dtype)
+        out = export(src, args.out, args.dtype, args.clip)
     except (FileNotFoundError, RuntimeError, ValueError, UnsafeCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"exported {src} -> {out} ({size / 2**20:.1f} MiB, "
           f"{time.perf_counter() - t0:.1f} s)")
+    clip_state = json.loads((out / loading.EXPORT_CONFIG).read_text()).get("clip")
+    print(f"CLIPModel: {out / clip_state}" if clip_state == export_clip.CLIP_DIR else f"CLIPModel: {clip_state}")
     return 0
 
 

@@ -207,7 +207,7 @@ class CaptionState:
     so decoding can never drift from training."""
 
     def __init__(self, model: torch.nn.Module, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> None:
-        self.text, self.dec = model.text, model.decoder
+        self.text, self.dec = model.caption_text, model.decoder
         self.ctx, self.ctx_mask = ctx, ctx_mask
         self.text_cache, self.dec_cache = self.text.new_cache(), self.dec.new_cache()
 
@@ -238,7 +238,7 @@ def caption_context(model: torch.nn.Module, inputs: Dict[str, torch.Tensor],
 
 def decoder_logits(model: torch.nn.Module, tokens: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
     """Full (uncached) next-token logits (B, L, V) for token prefixes (B, L) starting with BOS."""
-    _, states = model.text(tokens)
+    _, states = model.caption_text(tokens)
     return model.decoder(states, ctx, ctx_mask)
 
 
@@ -253,7 +253,7 @@ def generate_ids(model: torch.nn.Module, bos_id: int, eos_id: int, pad_id: int, 
     model.eval()
     try:
         ctx, mask = caption_context(model, inputs, masks)
-        limit = model.text.context_len - 1  # BOS takes position 0
+        limit = model.caption_text.context_len - 1  # BOS takes position 0
         if cfg.max_new_tokens > limit:
             cfg = replace(cfg, max_new_tokens=limit)
         state = CaptionState(model, ctx, mask)

@@ -50,7 +50,7 @@ class InferenceModel:
     def preprocess(self, modality: str, items: Union[torch.Tensor, Sequence[Any]]) -> torch.Tensor:
         """A batch input for a media modality: a tensor passes through; else each item is a path,
         bytes, a PIL image (saved as PNG first) or an array already in the model's sample format
-        (a 1-D signal is cut / repeat-padded to the clip length)."""
+        (a 1-D signal is cut / repeat-padded to the clip length, then through the modality's front end)."""
         m = modalities.get(modality)
         if m.kind != "media":
             raise ValueError(f"'{modality}' is not a media modality; text goes through tokenize()")
@@ -65,7 +65,9 @@ class InferenceModel:
                 x = buf.getvalue()
             if isinstance(x, np.ndarray):
                 x = x.astype(np.float32)
-                if x.ndim == 1 and len(shape) == 1:
+                if x.ndim == 1 and m.from_signal is not None:  # a raw signal: the modality's own front end
+                    x = m.from_signal(x, self.cfg.data)
+                elif x.ndim == 1 and len(shape) == 1:
                     x = fit_length(x, shape[0])
                 if tuple(x.shape) != tuple(shape):
                     raise ValueError(f"{modality} array of shape {x.shape}; the model takes {shape}")

@@ -24,8 +24,10 @@ from safetensors.torch import load_file
 
 from mmpretrain import checkpoint as ckpt_lib
 from mmpretrain.config import Config, from_dict, load_config
+from mmpretrain.data.hf_tokenizer import tokenizer_for
 from mmpretrain.data.tokenizer import build_tokenizer
 from mmpretrain.models import build_model
+from mmpretrain.models.hf import for_rebuild
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -90,9 +92,10 @@ def _read_export(d: Path) -> Tuple[Config, Any, Dict[str, torch.Tensor]]:
         meta = json.loads((d / EXPORT_CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportFileError(f"export file '{d / EXPORT_CONFIG}' is not a JSON file ({e})") from None
-    cfg = from_dict(meta.get("config", meta))
+    # towers: init random (the weights are below), HF ones from the export's copy of their config
+    cfg = for_rebuild(from_dict(meta.get("config", meta)), d)
     tok_dir = d / EXPORT_TOKENIZER
-    tok = build_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.data.tokenizer)
+    tok = build_tokenizer(str(tok_dir)) if tok_dir.is_dir() else tokenizer_for(cfg)
     sd = {k: v.float() for k, v in _load_safetensors(d / EXPORT_WEIGHTS).items()}
     return cfg, tok, sd
 
@@ -109,8 +112,9 @@ def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def _read_checkpoint(ckpt: Path) -> Tuple[Config, Any, Dict[str, torch.Tensor]]:
-    cfg = load_config(str(ckpt / "config.yaml"))
-    tok = build_tokenizer(cfg.data.tokenizer)
+    # a checkpoint's run directory holds the HF towers' configs (trainer: save_tower_assets)
+    cfg = for_rebuild(load_config(str(ckpt / "config.yaml")), ckpt.parent.parent)
+    tok = tokenizer_for(cfg)
     # DeepSpeed's ZeRO converter prints progress to stdout; CLIs print their results there
     with contextlib.redirect_stdout(sys.stderr):
         sd = ckpt_lib.consolidated_state_dict(ckpt)

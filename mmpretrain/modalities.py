@@ -17,8 +17,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mmpretrain.data.decode import decode_audio, decode_image
+from mmpretrain.data.decode import decode_image
+from mmpretrain.models import hf_audio
 from mmpretrain.models.audio import AudioTransformer
+from mmpretrain.models.hf import HFImageTower, HFTextTower
 from mmpretrain.models.text import TextTransformer
 from mmpretrain.models.vision import VisionTransformer
 
@@ -54,6 +56,10 @@ class Modality:
     captioned: bool = False
     keep_fp32: bool = False
     aug_stream: int = 0
+    # (1-D float32 signal, DataConfig) -> the sample format (inference on arrays); None = cut / repeat-pad
+    from_signal: Optional[Callable[[np.ndarray, Any], np.ndarray]] = None
+    # the argument name transformers gives this input (mmpretrain.hf: forward(pixel_values=...))
+    hf_input: str = ""
     towers: Dict[str, TowerBuilder] = field(default_factory=dict)  # kind -> builder; "native" is the default
 
 
@@ -102,6 +108,15 @@ def get(name: str) -> Modality:
         return _REGISTRY[name]
     except KeyError:
         raise ModalityError(f"unknown modality '{name}'; registered: {names()}") from None
+
+
+def by_hf_input(arg: str) -> str:
+    """The modality whose transformers argument name is `arg` (pixel_values -> image, ...)."""
+    for m in _REGISTRY.values():
+        if m.hf_input == arg:
+            return m.name
+    raise ModalityError(f"no registered modality takes transformers' '{arg}'; registered: "
+                        f"{ {m.name: m.hf_input for m in _REGISTRY.values()} }")
 
 
 def all_modalities() -> List[Modality]:
@@ -239,21 +254,27 @@ def _audio_samples(d: Any) -> int:
 
 register(Modality(
     name="image", member_keys="jpg;jpeg;png;webp", captioned=True, aug_stream=1, config_section="vision",
+    hf_input="pixel_values",
     decode=lambda b, d, rng: decode_image(b, d.image_size, rng, max_pixels=d.max_image_pixels,
-                                         min_scale=d.crop_min_scale, hflip=d.hflip),
+                                         min_scale=d.crop_min_scale, hflip=d.hflip, mean=d.image_mean, std=d.image_std),
     sample_shape=lambda d: (3, d.image_size, d.image_size),
-    towers={"native": lambda cfg, vocab: VisionTransformer(cfg.model.vision, cfg.data.image_size, cfg.model.dropout)},
+    towers={"native": lambda cfg, vocab: VisionTransformer(cfg.model.vision, cfg.data.image_size, cfg.model.dropout),
+            "hf": lambda cfg, vocab: HFImageTower(cfg.model.vision)},  # a local transformers vision model
 ))
 register(Modality(
     name="audio", member_keys="flac;wav;mp3;ogg", captioned=True, keep_fp32=True, aug_stream=2,
-    config_section="audio",
-    decode=lambda b, d, rng: decode_audio(b, d.audio.sample_rate, d.audio.clip_seconds, rng),
-    sample_shape=lambda d: (_audio_samples(d),),
+    config_section="audio", hf_input="input_values",
+    # the waveform, then data.audio.feature_extractor's front end when set (HF audio towers)
+    decode=hf_audio.audio_decode,
+    sample_shape=hf_audio.audio_sample_shape,
+    from_signal=hf_audio.audio_from_waveform,
     towers={"native": lambda cfg, vocab: AudioTransformer(cfg.model.audio, cfg.data.audio.sample_rate,
-                                                          _audio_samples(cfg.data), cfg.model.dropout)},
+                                                          _audio_samples(cfg.data), cfg.model.dropout),
+            "hf": hf_audio.build_hf_audio_tower},  # AST, Whisper encoder, wav2vec2, HuBERT from a local dir
 ))
 register(Modality(
-    name=TEXT, kind="text", member_keys="txt;json:caption", config_section="text",
+    name=TEXT, kind="text", member_keys="txt;json:caption", config_section="text", hf_input="input_ids",
     towers={"native": lambda cfg, vocab: TextTransformer(cfg.model.text, vocab, cfg.data.text_max_len,
-                                                         cfg.model.dropout)},
+                                                         cfg.model.dropout),
+            "hf": lambda cfg, vocab: HFTextTower(cfg.model.text)},  # a local transformers encoder + its tokenizer
 ))

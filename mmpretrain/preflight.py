@@ -26,6 +26,7 @@ def check(cfg: Config, config_path: Optional[str] = None, env: Optional[Mapping[
     check_output_dir(cfg.run.output_dir)
     check_data(cfg, config_path)
     check_tokenizer(cfg.data.tokenizer)
+    check_towers(cfg)
     check_resume(cfg.train.resume)
     check_port(env)
 
@@ -102,6 +103,27 @@ def check_tokenizer(spec: str) -> None:
     except Exception as e:  # noqa: BLE001 - any failure to read it is this key's problem
         raise ConfigError(f"config key 'data.tokenizer' = {spec!r} cannot be loaded: "
                           f"{' '.join(f'{type(e).__name__}: {e}'.split())}") from None
+
+
+def check_towers(cfg: Config) -> None:
+    """`model.<tower>.init` paths, and each HF tower's directory: config.json of the right kind of
+    model, text: tokenizer files with pad / bos / eos tokens, image: a processor whose size is
+    data.image_size. Then data.image_mean / image_std take the image processor's (unless given)."""
+    # lazy: the registry imports torch; a config with only native towers and no init path reads nothing
+    from mmpretrain import modalities as M
+    from mmpretrain.models import hf
+
+    for m in M.all_modalities():
+        t = getattr(cfg.model, m.config_section, None) if m.config_section else None
+        if t is None or not hasattr(t, "init"):
+            continue
+        role = "language" if m.name == M.TEXT else "vision" if m.config_section == "vision" else None
+        hf.check_tower(cfg, m.config_section, role)
+    hf.resolve_image_stats(cfg)
+    from mmpretrain.models import hf_audio
+
+    hf_audio.resolve_audio_frontend(cfg)  # data.audio.feature_extractor from model.audio.hf_path
+    hf_audio.check_audio_tower(cfg)
 
 
 def check_resume(spec: str) -> None:

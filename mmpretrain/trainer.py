@@ -19,13 +19,14 @@ from mmpretrain import distributed as D
 from mmpretrain import faults, modalities, preemption
 from mmpretrain.config import Config, dtype_of, to_yaml
 from mmpretrain.data.pipeline import build_train_loader
-from mmpretrain.data.tokenizer import build_tokenizer
+from mmpretrain.data.hf_tokenizer import tokenizer_for
 from mmpretrain.engine import build_engine
 from mmpretrain.eval.report import format_table
 from mmpretrain.eval.suite import EvalSuite, summary_lines
 from mmpretrain.feature_cache import FeatureCache
 from mmpretrain.logging import MetricsLogger, setup_logging
 from mmpretrain.models import build_model
+from mmpretrain.models.hf import save_tower_assets
 from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatcher
 from mmpretrain.safe_load import UnsafeCheckpointError
 
@@ -57,7 +58,7 @@ class Trainer:
         self.watchdog = watchdog
         self.out = Path(cfg.run.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = tokenizer_for(cfg)  # data.tokenizer, or an HF text tower's own
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         # resume (what, how: exact / universal / weights only) and save cadence: mmpretrain.checkpoint
         self.checkpointer = ckpt_lib.CheckpointManager(cfg, info, self.ckpt_root)
@@ -284,6 +285,7 @@ def _run_locked(cfg: Config, info: D.DistInfo, watcher: PreemptionWatcher, lock:
                     lock.took_over["why"])
     if info.is_main:
         (out / "config.yaml").write_text(to_yaml(cfg))
+        save_tower_assets(cfg, out)  # HF towers' configs / tokenizer / processor: checkpoints rebuild without hf_path
         (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # this is the requeued run
     log.info("launcher=%s rank=%d/%d local_rank=%d", info.launcher, info.rank, info.world_size, info.local_rank)
     watchdog = lifecycle.Watchdog(info.rank, info.world_size, out / "logs",

@@ -120,11 +120,12 @@ def test_registered_modality_flows_through_data_model_and_loss(depth_data):
 
 @pytest.mark.distributed
 def test_fourth_modality_trains_under_deepspeed_and_resumes(depth_data, tmp_path):
+    # DeepSpeed's engine under torchrun (the deepspeed launcher itself: tests/launch, preemption tests)
     out = tmp_path / "run"
     over = tk.tiny_overrides(out, depth_data, "run.plugins=[tests.test_fourth_modality:register]", "train.steps=5",
                              "train.save_every=0", "optim.warmup_steps=1", "loss.caption_weight=0")
     log = tmp_path / "train.log"
-    assert tk.run("deepspeed", 2, over, log) == 0, log.read_text()[-4000:]
+    assert tk.run("torchrun", 2, over, log) == 0, log.read_text()[-4000:]
     rows = tk.train_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert all(r["pairs/depth_text"] > 0 for r in rows)
@@ -160,6 +161,6 @@ def test_fourth_modality_trains_under_deepspeed_and_resumes(depth_data, tmp_path
     # the checkpoint resumes: two more steps continue from step 5
     over2 = [o for o in over if not o.startswith("train.steps=")] + ["train.steps=7"]
     log2 = tmp_path / "resume.log"
-    assert tk.run("deepspeed", 2, over2, log2) == 0, log2.read_text()[-4000:]
+    assert tk.run("torchrun", 2, over2, log2) == 0, log2.read_text()[-4000:]
     assert re.search(r"resumed from .*step_00000005", log2.read_text())
     assert [r["step"] for r in tk.train_rows(out)][-2:] == [6, 7]

@@ -12,11 +12,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "models"))
-from tiny import tiny_cfg  # noqa: E402
+from tiny import tiny_cfg, write_stage0_checkpoint  # noqa: E402
 
 from mmpretrain import inference  # noqa: E402
-from mmpretrain.checkpoint import tag_for  # noqa: E402
-from mmpretrain.config import to_yaml  # noqa: E402
 from mmpretrain.evaluate import load_for_eval  # noqa: E402
 from mmpretrain.export import export  # noqa: E402
 from mmpretrain.loading import load_model  # noqa: E402
@@ -31,12 +29,7 @@ def fake_run(root: Path, step: int = 7) -> "tuple[Path, dict]":
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p))  # differs from any fresh init
-    ckpt = root / "checkpoints" / tag_for(step)
-    ckpt.mkdir(parents=True)
-    torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt / "mp_rank_00_model_states.pt")
-    (ckpt / "config.yaml").write_text(to_yaml(cfg))
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "samples_seen": 8 * step}))
-    (ckpt / "COMPLETE").write_text("ok\n")
+    ckpt = write_stage0_checkpoint(root, cfg, model, step)
     return ckpt, {k: v.clone() for k, v in model.state_dict().items()}
 
 

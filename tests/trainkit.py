@@ -20,11 +20,13 @@ TINY_CONFIG = REPO / "configs" / "tiny_test.yaml"  # the one tiny test config (t
 
 
 def make_tiny_data(out: Path) -> Path:
-    """256 train samples in 4 shards + 64 eval, 32 px images, 0.25 s audio (~3 s); tests use the
-    session fixture `tiny_data` (tests/conftest.py), the SLURM tests a copy of their own."""
+    """256 train samples in 4 shards + 64 eval, 32 px images, 0.25 s audio at 4 kHz, the rate of
+    TINY_CONFIG (no resampling: no scipy.signal import in every rank) (~3 s); tests use the session
+    fixture `tiny_data` (tests/conftest.py), the SLURM tests a copy of their own."""
     if not (out / "eval" / "eval-000000.tar").exists():
         subprocess.run([sys.executable, str(REPO / "tools/make_demo_data.py"), "--out", str(out), "--train", "256",
-                        "--eval", "64", "--shard-size", "64", "--image-size", "32", "--clip-seconds", "0.25"],
+                        "--eval", "64", "--shard-size", "64", "--image-size", "32", "--clip-seconds", "0.25",
+                        "--sample-rate", "4000"],
                        check=True, capture_output=True)
     return out
 

@@ -2,12 +2,11 @@
 Each function raises DecodeError(reason) for input it cannot use."""
 from __future__ import annotations
 
-import importlib
 import io
 import math
 import warnings
 from fractions import Fraction
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -46,8 +45,9 @@ def _crop_box(w: int, h: int, rng: Optional[np.random.Generator], min_scale: flo
 
 
 def decode_image(data: bytes, size: int, rng: Optional[np.random.Generator] = None, max_pixels: int = 50_000_000,
-                 min_scale: float = 0.9, hflip: bool = True) -> np.ndarray:
-    """Bytes -> float32 (3, size, size) CLIP-normalized. With `rng`: random resized crop and
+                 min_scale: float = 0.9, hflip: bool = True, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Bytes -> float32 (3, size, size) normalized by `mean` / `std` (None: CLIP's statistics). With `rng`: random resized crop and
     flip (training); without: resize shorter side + centre crop (eval)."""
     try:
         with warnings.catch_warnings():
@@ -78,7 +78,9 @@ def decode_image(data: bytes, size: int, rng: Optional[np.random.Generator] = No
         raise
     except Exception as e:
         raise DecodeError("image_decode", f"{type(e).__name__}: {e}") from None
-    arr = (arr - CLIP_MEAN) / CLIP_STD
+    m = CLIP_MEAN if mean is None else np.asarray(mean, dtype=np.float32)
+    sd = CLIP_STD if std is None else np.asarray(std, dtype=np.float32)
+    arr = (arr - m) / sd
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
@@ -98,20 +100,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 # ----------------------------------------------------------------------------- audio
 
 
-def warm_imports() -> None:
-    """Import scipy.signal (~2 s) once in the main process so forked workers inherit it."""
-    try:
-        importlib.import_module("scipy.signal")
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     """Polyphase resampling (scipy) along the last axis; linear interpolation fallback."""
     if src_rate == dst_rate:
         return x
     try:
-        from scipy.signal import resample_poly  # ~2 s import: only where audio is resampled (warm_imports)
+        # lazy (~1 s of CPU): imported only by a process that resamples, once; clips already at
+        # data.audio.sample_rate never load it (the loader used to import it up front in every rank)
+        from scipy.signal import resample_poly
 
         frac = Fraction(dst_rate, src_rate).limit_denominator(1000)
         return resample_poly(x, frac.numerator, frac.denominator, axis=-1).astype(np.float32)

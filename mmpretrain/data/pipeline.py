@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config, DataConfig, SourceConfig
-from .decode import DecodeError, warm_imports
+from .decode import DecodeError
 from .samples import SampleProcessor, SourceSpec, collate, parse_source
 from .shards import expand_urls, local_path, shard_problem, shard_sizes
 from .streams import EpochLayout, ResampledLayout, WindowedStream, _rng
@@ -181,7 +181,6 @@ def _worker_init(_: int) -> None:
 
 
 def _make_loader(plan: Plan, states, rotation: int, num_workers: int) -> DataLoader:
-    warm_imports()
     return DataLoader(_SlotDataset(plan, states, rotation), batch_size=None, num_workers=num_workers,
                       worker_init_fn=_worker_init if num_workers else None,
                       prefetch_factor=2 if num_workers else None, collate_fn=_identity)

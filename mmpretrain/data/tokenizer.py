@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from tokenizers import Tokenizer as _Tok
+from tokenizers import decoders, models, pre_tokenizers, processors
 
 MARKER = "mmpretrain_tokenizer.json"
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
@@ -32,8 +33,28 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, model_max_length: Optional[int] = None) -> None:
+        """Write the tokenizer to `directory`: our marker plus the files transformers reads
+        (tokenizer.json, tokenizer_config.json, special_tokens_map.json), so that
+        `AutoTokenizer.from_pretrained(directory)` gives our ids, BOS/EOS added, pad set."""
         raise NotImplementedError
+
+    def _save_hf_files(self, directory: str, tok: _Tok, model_max_length: Optional[int]) -> None:
+        """tokenizer.json with a post-processor adding BOS ... EOS (our `encode_with_specials`; our
+        own encode passes add_special_tokens=False, so it never runs for us) and the two config files."""
+        names = {r: tok.id_to_token(getattr(self, f"{r}_id")) for r in ("pad", "bos", "eos")}
+        bos, eos = (names["bos"], self.bos_id), (names["eos"], self.eos_id)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos[0]} $A {eos[0]}", pair=f"{bos[0]} $A {eos[0]} $B:1 {eos[0]}:1", special_tokens=[bos, eos])
+        tok.save(os.path.join(directory, "tokenizer.json"))
+        special = {f"{r}_token": n for r, n in names.items()}
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "padding_side": "right",
+                "clean_up_tokenization_spaces": False}
+        if model_max_length is not None:
+            conf["model_max_length"] = int(model_max_length)
+        for fn, d in (("tokenizer_config.json", conf), ("special_tokens_map.json", special)):
+            with open(os.path.join(directory, fn), "w") as f:
+                json.dump(d, f, indent=1)
 
     def encode_with_specials(self, text: str, max_len: int) -> List[int]:
         """BOS + ids truncated to fit + EOS; at most `max_len` ids."""
@@ -68,8 +89,9 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, model_max_length: Optional[int] = None) -> None:
         os.makedirs(directory, exist_ok=True)
+        self._save_hf_files(directory, byte_level_tokenizer(), model_max_length)
         with open(os.path.join(directory, MARKER), "w") as f:
             json.dump({"type": "bytes"}, f)
 
@@ -103,12 +125,41 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids if int(i) not in self._special], skip_special_tokens=True)
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, model_max_length: Optional[int] = None) -> None:
         os.makedirs(directory, exist_ok=True)
-        self.tok.save(os.path.join(directory, "tokenizer.json"))
+        self._save_hf_files(directory, _Tok.from_str(self.tok.to_str()), model_max_length)  # a copy: ours stays as is
         names = {r: self.tok.id_to_token(getattr(self, f"{r}_id")) for r in ("pad", "bos", "eos")}
         with open(os.path.join(directory, MARKER), "w") as f:
             json.dump({"type": "hf", **names}, f)
+
+
+def byte_level_tokenizer() -> _Tok:
+    """ByteTokenizer as a `tokenizers` model, for other tools: byte-level BPE without merges whose
+    vocabulary is the 256 bytes at their own values (GPT-2's byte-to-unicode alphabet), plus
+    <pad>/<s>/</s> = 256/257/258 as special tokens."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_char = _bytes_to_unicode()
+    assert set(byte_to_char.values()) == set(alphabet)
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    tok = _Tok(models.BPE(vocab=vocab, merges=[]))
+    # no regex split: a word boundary changes nothing without merges, and one piece is cheaper
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([SPECIALS["pad"], SPECIALS["bos"], SPECIALS["eos"]])
+    return tok
+
+
+def _bytes_to_unicode() -> dict:
+    """GPT-2's reversible byte -> printable character map (the ByteLevel pre-tokenizer's)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def _hf_names(directory: str) -> dict:
@@ -137,8 +188,13 @@ def build_tokenizer(spec: str) -> Tokenizer:
         marker = os.path.join(spec, MARKER)
         if os.path.isfile(marker):
             with open(marker) as f:
-                if json.load(f).get("type") == "bytes":
-                    return ByteTokenizer()
+                kind = json.load(f).get("type")
+            if kind == "bytes":
+                return ByteTokenizer()
+            if kind == "hf_tower":  # an HF text tower's own tokenizer (mmpretrain.data.hf_tokenizer)
+                from mmpretrain.data.hf_tokenizer import HFTowerTokenizer
+
+                return HFTowerTokenizer(spec, "data.tokenizer")
         path = os.path.join(spec, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer directory '{spec}' has no tokenizer.json")

@@ -4,6 +4,7 @@ modality pair, and the optional caption decoder. `forward` returns everything th
 caption logits included, so the losses are pure functions of tensors."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
@@ -16,6 +17,8 @@ from mmpretrain import modalities as M
 from mmpretrain.config import Config, GenerationConfig
 from mmpretrain.generation import generate_ids
 from mmpretrain.models.decoder import MultimodalDecoder
+from mmpretrain.models.freeze import apply_lock, is_frozen
+from mmpretrain.models.text import TextTransformer
 from mmpretrain.models.transformer import init_weights
 from mmpretrain.ops.attention import check_backend
 
@@ -49,7 +52,10 @@ class MultimodalModel(nn.Module):
         self.cfg, self.vocab_size = cfg, vocab_size
         self.towers = nn.ModuleDict({mod.name: M.build_tower(cfg, mod, vocab_size) for mod in M.all_modalities()})
         self.proj = nn.ModuleDict({k: nn.Linear(t.width, m.embed_dim, bias=False) for k, t in self.towers.items()})
-        init_weights(self)
+        for tower in self.towers.values():  # HF towers keep their own (pretrained or from_config) init
+            if not getattr(tower, "keeps_own_init", False):
+                init_weights(tower)
+        init_weights(self.proj)
         init_scale = math.log(1.0 / cfg.loss.init_temperature)
         pairs = M.pair_names()
         # shape (1,), not 0-dim: DeepSpeed's parameter broadcast views tensors as bytes
@@ -58,9 +64,30 @@ class MultimodalModel(nn.Module):
         self.logit_bias = nn.ParameterDict({p: nn.Parameter(torch.full((1,), -10.0)) for p in pairs})
         self.max_log_scale = math.log(cfg.loss.max_logit_scale)
         self.decoder: Optional[MultimodalDecoder] = None
+        # the causal text module the caption decoder reads: the text tower itself when it has a decode
+        # cache (ours), else (an HF encoder: bidirectional, its states see later tokens) a native one
+        self.caption_tower: Optional[nn.Module] = None
         if m.text.decoder_depth > 0:
             self.decoder = MultimodalDecoder(cfg, vocab_size, {k: self.towers[k].width for k in M.captioned()})
+            if not hasattr(self.towers[M.TEXT], "new_cache"):
+                self.caption_tower = TextTransformer(m.text, vocab_size, cfg.data.text_max_len, m.dropout)
+                init_weights(self.caption_tower)
+        self._init_and_lock_towers(cfg)
         self.set_attention_backend(m.attention_backend)
+
+    def _init_and_lock_towers(self, cfg: Config) -> None:
+        """`model.<section>.init` = a path: that tower's weights from our export / checkpoint; then
+        `lock` / `unlock_*` (models.freeze)."""
+        from mmpretrain.models.hf import TOWER_INITS, load_tower_init
+
+        for mod in M.all_modalities():
+            t = getattr(cfg.model, mod.config_section, None) if mod.config_section else None
+            if t is None:
+                continue
+            init = getattr(t, "init", "auto")
+            if init not in TOWER_INITS:
+                load_tower_init(self.towers[mod.name], mod.name, f"model.{mod.config_section}.init", init)
+            apply_lock(self.towers[mod.name], t)
 
     def set_attention_backend(self, name: str) -> None:
         """'auto' | 'sdpa' | 'triton' | 'flash' | 'reference' for every attention of the model (plugin
@@ -75,7 +102,9 @@ class MultimodalModel(nn.Module):
                return_tokens: bool = False) -> Any:
         """x: the modality's batch input (text: ids with `lengths`) -> (B, E) unit vectors [, tokens]."""
         tower = self.towers[modality]
-        pooled, tokens = tower(x, lengths) if modality == M.TEXT else tower(x)
+        # a locked tower runs without autograd: no activations kept for a backward that never comes
+        with torch.no_grad() if is_frozen(tower) else contextlib.nullcontext():
+            pooled, tokens = tower(x, lengths) if modality == M.TEXT else tower(x)
         emb = F.normalize(self.proj[modality](pooled), dim=-1)
         return (emb, tokens) if return_tokens else emb
 
@@ -88,8 +117,13 @@ class MultimodalModel(nn.Module):
 
     @property
     def text(self) -> nn.Module:
-        """The text tower (the caption decoder reads its states)."""
+        """The text tower."""
         return self.towers[M.TEXT]
+
+    @property
+    def caption_text(self) -> nn.Module:
+        """The causal text module whose states the caption decoder reads (training and generation)."""
+        return self.caption_tower if self.caption_tower is not None else self.towers[M.TEXT]
 
     def generate(self, inputs: Dict[str, torch.Tensor], masks: Optional[Dict[str, torch.Tensor]] = None, *,
                  bos_id: int, eos_id: int, pad_id: int, **gen_kwargs: Any):
@@ -115,7 +149,9 @@ class MultimodalModel(nn.Module):
         toks = torch.cat([batch.captions[m] for m in mods], 0)  # (C B, L)
         lens = torch.cat([batch.caption_len[m] for m in mods], 0)
         present = torch.cat([batch.masks[m].bool() for m in mods], 0)
-        _, states = self.text(toks, lens)  # unimodal causal layers, (C B, L, W)
+        text = self.caption_text
+        with torch.no_grad() if is_frozen(text) else contextlib.nullcontext():
+            _, states = text(toks, lens)  # unimodal causal layers, (C B, L, W)
         ctx, ctx_mask = self.decoder.stacked_context({m: tokens[m] for m in mods})
         logits = self.decoder(states[:, :-1], ctx, ctx_mask)  # (C B, L-1, V)
         return CaptionOutput(mods, logits, toks, lens, present & (lens > 1))

@@ -55,3 +55,20 @@ def fake_batch(cfg: Config, n: int, seed: int = 0, drop: Sequence[str] = (),
         else:
             b.inputs[m][1::2] = 0
     return b
+
+
+def write_stage0_checkpoint(root: Path, cfg: Config, model: torch.nn.Module, step: int) -> Path:
+    """`root/checkpoints/step_<step>/` as a complete stage-0 DeepSpeed checkpoint of `model`
+    (model states, config, trainer state, COMPLETE), for loading / export tests without a run."""
+    import json
+
+    from mmpretrain.checkpoint import tag_for
+    from mmpretrain.config import to_yaml
+
+    ckpt = root / "checkpoints" / tag_for(step)
+    ckpt.mkdir(parents=True)
+    torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt / "mp_rank_00_model_states.pt")
+    (ckpt / "config.yaml").write_text(to_yaml(cfg))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "samples_seen": 8 * step}))
+    (ckpt / "COMPLETE").write_text("ok\n")
+    return ckpt
