@@ -91,6 +91,11 @@ def test_text_tower_pools_and_tokenizes_as_its_tokenizer(hf, kind):
     tok.save(str(hf[kind].parent / f"saved_{kind}"), 16)
     again = build_tokenizer(str(hf[kind].parent / f"saved_{kind}"))
     assert type(again) is HFTowerTokenizer and again.encode_with_specials(text, 16) == ids
+    # other tools read the saved files with every special token our batches use (BERT: [CLS] / [SEP])
+    other = AutoTokenizer.from_pretrained(str(hf[kind].parent / f"saved_{kind}"), local_files_only=True)
+    assert (other.pad_token_id, other.bos_token_id, other.eos_token_id) == (tok.pad_id, tok.bos_id, tok.eos_id)
+    assert other(text)["input_ids"] == ids and other.model_max_length == 16
+    assert (tok.tok.bos_token is None) == (kind == "bert")  # the live tokenizer is left as it was
 
 
 @pytest.mark.parametrize("kind", IMAGE)

@@ -53,10 +53,12 @@ class HFTowerTokenizer(Tokenizer):
     def save(self, directory: str, model_max_length: Optional[int] = None) -> None:
         """The tokenizer's own files (save_pretrained: AutoTokenizer reads them) plus our marker."""
         os.makedirs(directory, exist_ok=True)
-        tok = self.tok
+        tok = copy.deepcopy(self.tok)  # the saved files get settings the live tokenizer keeps out of
         if model_max_length is not None:
-            tok = copy.copy(tok)
             tok.model_max_length = int(model_max_length)
+        for role in ("bos", "eos"):  # BERT-likes have no bos / eos: name the [CLS] / [SEP] our batches use
+            if getattr(tok, f"{role}_token", None) is None:
+                setattr(tok, f"{role}_token", self.tok.convert_ids_to_tokens(getattr(self, f"{role}_id")))
         tok.save_pretrained(directory)
         with open(os.path.join(directory, MARKER), "w") as f:
             json.dump({"type": MARKER_TYPE, **{r: self.tok.convert_ids_to_tokens(getattr(self, f"{r}_id"))
