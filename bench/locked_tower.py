@@ -20,14 +20,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from loss_memory import _status_kb  # noqa: E402  (the /proc/self/status reader of the memory bench)
 
 
 def make_vit(out: str, width: int, depth: int, image_size: int) -> None:
