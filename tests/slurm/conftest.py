@@ -33,9 +33,10 @@ def slurm_cluster() -> Iterator[Dict[str, str]]:
     reason = _cannot_start()
     if reason:
         pytest.skip(reason)
-    # the tests run 2 tasks of 1 CPU each; declare at least 2 CPUs even on a 1-core machine
+    # the preemption test runs two 2-CPU jobs side by side; declare at least 4 CPUs even on a 1-2 core
+    # machine (start_slurm.sh sets SlurmdParameters=config_overrides then)
     env = dict(os.environ, MMP_SLURM_DIR=SLURM_DIR,
-               MMP_SLURM_CPUS=os.environ.get("MMP_SLURM_CPUS", str(max(2, len(os.sched_getaffinity(0))))))
+               MMP_SLURM_CPUS=os.environ.get("MMP_SLURM_CPUS", str(max(4, len(os.sched_getaffinity(0))))))
     proc = subprocess.run(["bash", str(HERE / "start_slurm.sh")], env=env, capture_output=True, text=True,
                           timeout=900)
     if proc.returncode == SKIP_CODE:

@@ -1,6 +1,7 @@
-"""The preemption loop on a real SLURM: a tiny 2-process training job submitted with
-mmpretrain-submit gets USR1 mid-run (`scancel --signal=USR1 --batch`), saves, exits for requeue,
-the batch script requeues it, and the second run resumes from that checkpoint and finishes."""
+"""The preemption loop on a real SLURM, once per launcher (srun, torchrun; both jobs at once): a
+tiny 2-process training job submitted with mmpretrain-submit gets USR1 mid-run (`scancel
+--signal=USR1 --batch`), saves, exits for requeue, the batch script requeues it, and the second
+run resumes from that checkpoint and finishes."""
 from __future__ import annotations
 
 import json
@@ -42,49 +43,77 @@ def _wait(cond, timeout: float, what: str, diag) -> None:
         time.sleep(0.25)
 
 
+LAUNCHERS = ("srun", "torchrun")
+
+
+class Job:
+    """One submitted job of the test: its launcher, run directory and SLURM id."""
+
+    def __init__(self, launcher: str, root: Path, env: Dict[str, str]) -> None:
+        self.launcher, self.env, self.run_dir = launcher, env, root / launcher
+        data = tk.make_tiny_data(root / "data")
+        procs = ["--cpus-per-task", "1"] if launcher == "srun" else ["--cpus-per-task", "2"]
+        sub = _run([sys.executable, "-m", "mmpretrain.submit", "--config", str(tk.TINY_CONFIG), "--launcher", launcher,
+                    "--gpus-per-node", "0", "--procs-per-node", "2", *procs, "--time", "15", "--signal-seconds", "120",
+                    "--workdir", str(tk.REPO), *tk.tiny_overrides(self.run_dir, data), f"train.steps={STEPS}",
+                    "train.log_every=1", "train.save_every=0", lk.plugin("slow_first_run")], env, cwd=tk.REPO)
+        assert sub.returncode == 0, f"[{launcher}] {sub.stderr}"
+        self.id = (self.run_dir / "slurm_jobs.txt").read_text().split("\t")[0]
+        assert self.id.isdigit() and f"submitted job {self.id}" in sub.stdout
+        self.out_file = self.run_dir / "slurm" / f"tiny-{self.id}.out"
+
+    def diag(self) -> str:
+        log = self.out_file.read_text()[-6000:] if self.out_file.exists() else "(no job output)"
+        return f"[{self.launcher}] scontrol: {_job_fields(self.id, self.env)}\n--- {self.out_file}\n{log}"
+
+    def logged_steps(self) -> int:
+        return sum(r.get("kind") == "train" for r in tk.metrics_rows(self.run_dir))
+
+    def done(self) -> bool:
+        return _job_fields(self.id, self.env).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+
 @pytest.mark.slurm
-@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
-def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path, launcher):
+def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path):
+    """Both launchers' jobs run side by side (the test cluster declares 4 CPUs, so the two 2-CPU jobs
+    run at once): the preemption loop is the same, and the waits for SLURM overlap."""
     t0 = time.time()
     env = dict(os.environ, **slurm_cluster, OMP_NUM_THREADS="1", **{lk.SLOW_AFTER_VAR: f"{SLOW_AFTER}:0.5"})
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     for k in [k for k in env if k.startswith(("SLURM_JOB", "SLURM_STEP", "SLURM_PROCID", "RANK", "WORLD_SIZE"))]:
         env.pop(k)  # pytest itself may run inside a job
-    data = tk.make_tiny_data(tmp_path / "data")
-    run_dir = tmp_path / "run"
-    procs = ["--cpus-per-task", "1"] if launcher == "srun" else ["--cpus-per-task", "2"]
-    sub = _run([sys.executable, "-m", "mmpretrain.submit", "--config", str(tk.TINY_CONFIG), "--launcher", launcher,
-                "--gpus-per-node", "0", "--procs-per-node", "2", *procs, "--time", "15", "--signal-seconds", "120",
-                "--workdir", str(tk.REPO), *tk.tiny_overrides(run_dir, data), f"train.steps={STEPS}", "train.log_every=1",
-                "train.save_every=0", lk.plugin("slow_first_run")], env, cwd=tk.REPO)
-    assert sub.returncode == 0, sub.stderr
-    job_id = (run_dir / "slurm_jobs.txt").read_text().split("\t")[0]
-    assert job_id.isdigit() and f"submitted job {job_id}" in sub.stdout
-    out_file = run_dir / "slurm" / f"tiny-{job_id}.out"
-
-    def diag() -> str:
-        log = out_file.read_text()[-6000:] if out_file.exists() else "(no job output)"
-        return f"scontrol: {_job_fields(job_id, env)}\n--- {out_file}\n{log}"
-
+    jobs = [Job(launcher, tmp_path, env) for launcher in LAUNCHERS]
+    t_signal = {}
     try:
-        def logged_steps() -> bool:
-            return sum(r.get("kind") == "train" for r in tk.metrics_rows(run_dir)) >= SIGNAL_AFTER_STEP
-
-        _wait(logged_steps, 180, f"{SIGNAL_AFTER_STEP} logged steps", diag)
-        sig = _run(["scancel", "--signal=USR1", "--batch", job_id], env)
-        assert sig.returncode == 0, sig.stderr
-        t_signal = time.time()
-        _wait(lambda: _job_fields(job_id, env).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
-              JOB_TIMEOUT_S, "the job to finish", diag)
+        pending = list(jobs)
+        while pending:  # signal each job once it has logged SIGNAL_AFTER_STEP steps (its first run is slow from there)
+            for job in list(pending):
+                if job.logged_steps() >= SIGNAL_AFTER_STEP:
+                    sig = _run(["scancel", "--signal=USR1", "--batch", job.id], env)
+                    assert sig.returncode == 0, sig.stderr
+                    t_signal[job.launcher] = time.time()
+                    pending.remove(job)
+            time.sleep(0.25)
+            if time.time() - t0 > 240:
+                pytest.fail("timed out waiting for logged steps\n" + "\n".join(j.diag() for j in pending))
+        for job in jobs:
+            _wait(job.done, JOB_TIMEOUT_S, f"the {job.launcher} job to finish", job.diag)
     finally:
-        _run(["scancel", job_id], env)  # no-op when finished
+        for job in jobs:
+            _run(["scancel", job.id], env)  # no-op when finished
+    for job in jobs:
+        _check_job(job)
+        print(f"\n[{job.launcher}] signal->done {time.time() - t_signal[job.launcher]:.1f} s (or less); "
+              f"total {time.time() - t0:.1f} s")
 
-    fields = _job_fields(job_id, env)
+
+def _check_job(job: Job) -> None:
+    fields, diag, run_dir = _job_fields(job.id, job.env), job.diag, job.run_dir
     assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", diag()
     assert fields.get("Restarts") == "1", diag()
-    log = out_file.read_text()
+    log = job.out_file.read_text()
     assert "SLURM_RESTART_COUNT=0" in log and "SLURM_RESTART_COUNT=1" in log, log[-4000:]
-    assert "caught SIGUSR1" in log and f"requeueing job {job_id}" in log, log[-4000:]
+    assert "caught SIGUSR1" in log and f"requeueing job {job.id}" in log, log[-4000:]
 
     rows = tk.metrics_rows(run_dir)
     preempted = [r for r in rows if r.get("kind") == "preempted"]
@@ -100,8 +129,6 @@ def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path, launcher):
         assert f"resumed from {ckpt} (step {step})" in rank_log, rank_log[-3000:]
     # every step trained exactly once across the two runs, and the job reached the end
     steps = [r["step"] for r in rows if r.get("kind") == "train"]
-    assert steps == list(range(1, STEPS + 1)), (step, steps[:5], len(steps))
+    assert steps == list(range(1, STEPS + 1)), (job.launcher, step, steps[:5], len(steps))
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
     assert not (run_dir / "PREEMPTED").exists()
-    print(f"\n[{launcher}] preempted at step {step}; signal->done {time.time() - t_signal:.1f} s; "
-          f"total {time.time() - t0:.1f} s")
