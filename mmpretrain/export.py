@@ -68,7 +68,7 @@ def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32", cli
             export_clip.export_clip(loaded, tmp / export_clip.CLIP_DIR, torch_dtype)
         model_card.write(tmp, cfg, meta, tok.vocab_size, ckpt, clip_why, loaded.model)
         save_tower_assets(cfg, tmp)  # HF towers' config / tokenizer / processor: loads without their hf_path
-        _share(tmp)
+        share_readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -78,9 +78,10 @@ def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32", cli
     return out
 
 
-def _share(root: Path) -> None:
-    """Modes a plain mkdir / open would give (0777 / 0666 & ~umask): mkdtemp makes the directory
-    0700 and safetensors writes its file 0600, which teammates could not read."""
+def share_readable(root: Path) -> None:
+    """Modes a plain mkdir / open would give (0777 / 0666 & ~umask), for `root` and everything
+    under it: mkdtemp makes the directory 0700 and safetensors writes its file 0600, which
+    teammates could not read."""
     mask = os.umask(0)  # reading the umask means setting it; restored at once
     os.umask(mask)
     for p in [root, *root.rglob("*")]:

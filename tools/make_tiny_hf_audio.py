@@ -10,7 +10,6 @@ Example: python tools/make_tiny_hf_audio.py --out /tmp/tiny_hf_audio
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -61,18 +60,11 @@ def _ctc_like(out: Path, kind: str) -> None:
                              return_attention_mask=False).save_pretrained(out)
 
 
-def _group_readable(d: Path) -> None:
-    """safetensors writes 0600; give the files the mode the umask allows (0644 under umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for f in d.iterdir():
-        if f.is_file():
-            f.chmod(0o666 & ~mask)
-
-
 def make_tiny_audio_dirs(out: Path, kinds: Sequence[str] = KINDS, seed: int = 0) -> Dict[str, Path]:
     """Write one directory per kind under `out` (out/<kind>); returns {kind: path}."""
     import torch
+
+    from mmpretrain.export import share_readable
 
     makers = {"ast": _ast, "whisper": _whisper, "wav2vec2": lambda p: _ctc_like(p, "wav2vec2"),
               "hubert": lambda p: _ctc_like(p, "hubert")}
@@ -85,7 +77,7 @@ def make_tiny_audio_dirs(out: Path, kinds: Sequence[str] = KINDS, seed: int = 0)
         d = out / kind
         d.mkdir(parents=True, exist_ok=True)
         makers[kind](d)
-        _group_readable(d)
+        share_readable(d)  # safetensors writes 0600
         dirs[kind] = d
     return dirs
 
