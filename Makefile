@@ -39,8 +39,11 @@ demo: install
 		"data.train=[{name: demo, urls: '$(DEMO_DIR)/train/train-{000000..000007}.tar'}]" \
 		data.eval_urls='$(DEMO_DIR)/eval/eval-000000.tar'
 
+# two test files at a time (pytest-xdist; a file's tests stay on one worker, with its module
+# fixtures): a multi-process test leaves ~40 % of 2 cores idle (start-up, waits, signals)
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not distributed and not slurm"

@@ -30,7 +30,7 @@ setup(
         "gpu": ["flash-attn>=2.5", "triton>=3.0"],
         "wandb": ["wandb>=0.16"],
         "eval": ["scikit-learn>=1.3", "sacrebleu>=2.3", "pycocoevalcap>=1.2"],
-        "dev": ["pytest>=7", "pytest-timeout>=2", "triton>=3.0", "scikit-learn>=1.3", "sacrebleu>=2.3", "pycocoevalcap>=1.2", "pyflakes>=3"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3", "triton>=3.0", "scikit-learn>=1.3", "sacrebleu>=2.3", "pycocoevalcap>=1.2", "pyflakes>=3"],
     },
     entry_points={
         "console_scripts": [

@@ -331,7 +331,9 @@ def consolidated_state_dict(ckpt: Path) -> Dict[str, torch.Tensor]:
 
 def load_state_checked(model: torch.nn.Module, sd: Dict[str, torch.Tensor], where: "str | Path") -> None:
     """load_state_dict that names the file and the first mismatching keys when they do not fit."""
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    from mmpretrain.models import zero3
+
+    missing, unexpected = zero3.load_state_dict(model, sd)  # also a model built under zero.Init
     if missing or unexpected:
         raise RuntimeError(f"{where}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 

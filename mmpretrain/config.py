@@ -166,6 +166,9 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     zero_stage: int = 2
+    # stage 3: build the model under deepspeed.zero.Init (each module partitioned as it is built,
+    # HF towers loaded shard-wise), so no rank ever holds the whole model; false = build whole, then partition
+    zero3_init: bool = True
     precision: str = "fp32"  # fp32 | bf16 | fp16
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
@@ -443,6 +446,15 @@ def validate(cfg: Config) -> None:
     bad_t = [t for t in cfg.eval.templates if "{}" not in t]
     if bad_t:
         raise ConfigError(f"config key 'eval.templates' has entries without '{{}}' (the class name slot): {bad_t}")
+
+
+def audio_frontend_path(data_cfg: Any) -> Optional[str]:
+    """`data.audio.feature_extractor` (an HF audio tower's front end), or None (also on a config
+    saved before the key existed)."""
+    try:
+        return data_cfg.audio.feature_extractor or None
+    except AttributeError:
+        return None
 
 
 TOWER_INITS = ("auto", "random", "hf")  # any other value of model.<tower>.init is a path

@@ -11,6 +11,7 @@ import torch.nn as nn
 from mmpretrain import modalities as M
 from mmpretrain.config import Config
 from mmpretrain.losses import ContrastiveLoss, caption_loss
+from mmpretrain.models.zero3 import full_ndim  # a parameter built under zero.Init has an empty .data
 
 # Weight decay by tensor rank (nanoGPT's rule): parameters with ndim >= 2 (linear and conv
 # weights) decay, parameters with ndim < 2 (biases, LayerNorm weights, temperatures, logit
@@ -99,7 +100,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: Optional[float] = No
             continue
         tower = tower_of(name)
         key = tower if tower in lr_mults else None
-        decays = not (p.ndim < 2 or id(p) in tables or is_no_decay_embedding(name))
+        decays = not (full_ndim(p) < 2 or id(p) in tables or is_no_decay_embedding(name))
         buckets.setdefault((key, decays), []).append(p)
     groups = [{"params": buckets.get((None, True), []), "weight_decay": weight_decay},
               {"params": buckets.get((None, False), []), "weight_decay": 0.0}]

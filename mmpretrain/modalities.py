@@ -9,27 +9,23 @@ the caption decoder. Every other modality is "media": bytes -> fixed-shape float
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-import torch.nn as nn
 
-from mmpretrain.data.decode import decode_image
-from mmpretrain.models import hf_audio
-from mmpretrain.models.audio import AudioTransformer
-from mmpretrain.models.hf import HFImageTower, HFTextTower
-from mmpretrain.models.text import TextTransformer
-from mmpretrain.models.vision import VisionTransformer
+if TYPE_CHECKING:  # the registry itself is torch-free: config checks import it, and a refusal must not pay
+    import torch  # seconds of torch import; towers and front ends load on first use (see _lazy)
+    import torch.nn as nn
 
 TEXT = "text"  # the anchor modality's name: captions are text, and the decoder reads its tower
 
 # (bytes, DataConfig, rng or None for eval) -> float32 array of sample_shape(DataConfig)
 Decoder = Callable[[bytes, Any, Optional[np.random.Generator]], np.ndarray]
-# (Config, vocab_size) -> an nn.Module meeting the tower interface (see TowerBuilder below)
-TowerBuilder = Callable[[Any, int], nn.Module]
+# (Config, vocab_size) -> an nn.Module meeting the tower interface (see Modality below)
+TowerBuilder = Callable[[Any, int], "nn.Module"]
 
 
 @dataclass(frozen=True)
@@ -217,8 +213,12 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "Batch":
-        """Tensors to `device`; media inputs to the compute `dtype` unless the modality keeps fp32."""
+    def to(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> "Batch":
+        """Tensors to `device`; media inputs to the compute `dtype` (float32 when None) unless the
+        modality keeps fp32."""
+        import torch
+
+        dtype = dtype or torch.float32
 
         def mv(name: str, t: torch.Tensor) -> torch.Tensor:
             t = t.to(device, non_blocking=True)
@@ -234,6 +234,8 @@ class Batch:
 
     def select(self, index: Sequence[int]) -> "Batch":
         """The rows `index` (a list of row numbers), in that order."""
+        import torch
+
         idx = torch.as_tensor(list(index), dtype=torch.long)
 
         def pick(d: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -252,29 +254,48 @@ def _audio_samples(d: Any) -> int:
     return int(d.audio.sample_rate * d.audio.clip_seconds)
 
 
+def _lazy(module: str, attr: str) -> Callable[..., Any]:
+    """`module.attr`, imported at the first call: tower and front-end modules import torch."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = attr
+    return call
+
+
+_decode_image = _lazy("mmpretrain.data.decode", "decode_image")
+_VisionTransformer = _lazy("mmpretrain.models.vision", "VisionTransformer")
+_AudioTransformer = _lazy("mmpretrain.models.audio", "AudioTransformer")
+_TextTransformer = _lazy("mmpretrain.models.text", "TextTransformer")
+_HFImageTower = _lazy("mmpretrain.models.hf", "HFImageTower")
+_HFTextTower = _lazy("mmpretrain.models.hf", "HFTextTower")
+_HF_AUDIO = "mmpretrain.models.hf_audio"
+
+
 register(Modality(
     name="image", member_keys="jpg;jpeg;png;webp", captioned=True, aug_stream=1, config_section="vision",
     hf_input="pixel_values",
-    decode=lambda b, d, rng: decode_image(b, d.image_size, rng, max_pixels=d.max_image_pixels,
+    decode=lambda b, d, rng: _decode_image(b, d.image_size, rng, max_pixels=d.max_image_pixels,
                                          min_scale=d.crop_min_scale, hflip=d.hflip, mean=d.image_mean, std=d.image_std),
     sample_shape=lambda d: (3, d.image_size, d.image_size),
-    towers={"native": lambda cfg, vocab: VisionTransformer(cfg.model.vision, cfg.data.image_size, cfg.model.dropout),
-            "hf": lambda cfg, vocab: HFImageTower(cfg.model.vision)},  # a local transformers vision model
+    towers={"native": lambda cfg, vocab: _VisionTransformer(cfg.model.vision, cfg.data.image_size, cfg.model.dropout),
+            "hf": lambda cfg, vocab: _HFImageTower(cfg.model.vision)},  # a local transformers vision model
 ))
 register(Modality(
     name="audio", member_keys="flac;wav;mp3;ogg", captioned=True, keep_fp32=True, aug_stream=2,
     config_section="audio", hf_input="input_values",
     # the waveform, then data.audio.feature_extractor's front end when set (HF audio towers)
-    decode=hf_audio.audio_decode,
-    sample_shape=hf_audio.audio_sample_shape,
-    from_signal=hf_audio.audio_from_waveform,
-    towers={"native": lambda cfg, vocab: AudioTransformer(cfg.model.audio, cfg.data.audio.sample_rate,
+    decode=_lazy(_HF_AUDIO, "audio_decode"),
+    sample_shape=_lazy(_HF_AUDIO, "audio_sample_shape"),
+    from_signal=_lazy(_HF_AUDIO, "audio_from_waveform"),
+    towers={"native": lambda cfg, vocab: _AudioTransformer(cfg.model.audio, cfg.data.audio.sample_rate,
                                                           _audio_samples(cfg.data), cfg.model.dropout),
-            "hf": hf_audio.build_hf_audio_tower},  # AST, Whisper encoder, wav2vec2, HuBERT from a local dir
+            "hf": _lazy(_HF_AUDIO, "build_hf_audio_tower")},  # AST, Whisper encoder, wav2vec2, HuBERT from a local dir
 ))
 register(Modality(
     name=TEXT, kind="text", member_keys="txt;json:caption", config_section="text", hf_input="input_ids",
-    towers={"native": lambda cfg, vocab: TextTransformer(cfg.model.text, vocab, cfg.data.text_max_len,
+    towers={"native": lambda cfg, vocab: _TextTransformer(cfg.model.text, vocab, cfg.data.text_max_len,
                                                          cfg.model.dropout),
-            "hf": lambda cfg, vocab: HFTextTower(cfg.model.text)},  # a local transformers encoder + its tokenizer
+            "hf": lambda cfg, vocab: _HFTextTower(cfg.model.text)},  # a local transformers encoder + its tokenizer
 ))

@@ -112,11 +112,19 @@ def exit_on_signal_while_blocked(what: str) -> Iterator[None]:
     For a blocking call in C (the rendezvous: a rank waits on a peer or a port that never
     answers) Python's handlers only run once the call returns, so a launcher tearing its ranks
     down (SIGTERM, then SIGKILL 30 s later) or a preemption waited for the whole timeout. The
-    interpreter writes each caught signal to a wakeup fd even then; a thread reads it. Nothing
-    is trained yet and the ranks cannot agree, so no save and no marker: the exit code says it."""
+    interpreter writes each caught signal to a wakeup fd even then; a thread reads it. A signal
+    recorded earlier in start-up (install_early) counts as one in the block: the launcher that sent
+    it may have torn the peers down already, so the rendezvous may never return. Nothing is trained
+    yet and the ranks cannot agree, so no save and no marker: the exit code says it."""
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set the wakeup fd
         return
+    pending = _EARLY.flag if _EARLY is not None else None
+    if pending in {s.name for s in _SIGNALS}:  # exit before blocking
+        sys.stderr.write(f"mmpretrain: {pending} during start-up, before {what}: exiting with code "
+                         f"{REQUEUE_EXIT_CODE} for requeue (nothing to save)\n")
+        sys.stderr.flush()
+        os._exit(REQUEUE_EXIT_CODE)
     r, w = os.pipe()
     os.set_blocking(w, False)
     prev = signal.set_wakeup_fd(w, warn_on_full_buffer=False)

@@ -36,8 +36,7 @@ def check(cfg: Config, config_path: Optional[str] = None, env: Optional[Mapping[
 
 def check_data(cfg: Config, config_path: Optional[str] = None) -> None:
     """Every source lists shards that exist and that a tar reader can read; counted, they hold samples."""
-    # lazy: the shard helpers import webdataset (and with it torch); load_config's registry
-    # checks have imported torch already by the time a config reaches these checks
+    # lazy: shard helpers are only needed here (they stay torch-free: webdataset loads only for pipes)
     import braceexpand
 
     from mmpretrain.data.shards import ShardError, expand_urls, local_path, shard_problem, shard_sizes
@@ -96,7 +95,7 @@ def check_tokenizer(spec: str) -> None:
     if not os.path.exists(spec):
         raise ConfigError(f"config key 'data.tokenizer' = {spec!r}: no such file or directory "
                           "(give 'bytes', a tokenizer.json file or a tokenizer directory)")
-    from mmpretrain.data.tokenizer import build_tokenizer  # lazy: tokenizers (and torch) load only for a real path
+    from mmpretrain.data.tokenizer import build_tokenizer  # lazy: tokenizers load only for a real path
 
     try:
         build_tokenizer(spec)
@@ -109,19 +108,23 @@ def check_towers(cfg: Config) -> None:
     """`model.<tower>.init` paths, and each HF tower's directory: config.json of the right kind of
     model, text: tokenizer files with pad / bos / eos tokens, image: a processor whose size is
     data.image_size. Then data.image_mean / image_std take the image processor's (unless given)."""
-    # lazy: the registry imports torch; a config with only native towers and no init path reads nothing
-    from mmpretrain import modalities as M
-    from mmpretrain.models import hf
+    from mmpretrain import modalities as M  # lazy: the registry imports the schema
+    from mmpretrain.config import TOWER_INITS, audio_frontend_path
 
-    for m in M.all_modalities():
-        t = getattr(cfg.model, m.config_section, None) if m.config_section else None
-        if t is None or not hasattr(t, "init"):
-            continue
+    sections = [(m, getattr(cfg.model, m.config_section, None)) for m in M.all_modalities() if m.config_section]
+    sections = [(m, t) for m, t in sections if t is not None and hasattr(t, "init")]
+    for m, t in sections:
+        if t.init not in TOWER_INITS and not os.path.exists(t.init):
+            raise ConfigError(f"config key 'model.{m.config_section}.init' = {t.init!r}: no such export or "
+                              f"checkpoint (give {', '.join(TOWER_INITS)} or a path)")
+    if not audio_frontend_path(cfg.data) and all(getattr(t, "kind", "native") != "hf" for _, t in sections):
+        return  # native towers: nothing to read, and no torch to import (the HF tower modules need it)
+    from mmpretrain.models import hf, hf_audio
+
+    for m, t in sections:
         role = "language" if m.name == M.TEXT else "vision" if m.config_section == "vision" else None
         hf.check_tower(cfg, m.config_section, role)
     hf.resolve_image_stats(cfg)
-    from mmpretrain.models import hf_audio
-
     hf_audio.resolve_audio_frontend(cfg)  # data.audio.feature_extractor from model.audio.hf_path
     hf_audio.check_audio_tower(cfg)
 

@@ -25,7 +25,7 @@ from mmpretrain.eval.report import format_table
 from mmpretrain.eval.suite import EvalSuite, summary_lines
 from mmpretrain.feature_cache import FeatureCache
 from mmpretrain.logging import MetricsLogger, setup_logging
-from mmpretrain.models import build_model
+from mmpretrain.models import build_model, zero3
 from mmpretrain.models.hf import save_tower_assets
 from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatcher
 from mmpretrain.safe_load import UnsafeCheckpointError
@@ -62,7 +62,11 @@ class Trainer:
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         # resume (what, how: exact / universal / weights only) and save cadence: mmpretrain.checkpoint
         self.checkpointer = ckpt_lib.CheckpointManager(cfg, info, self.ckpt_root)
-        model = build_model(cfg, self.tokenizer.vocab_size)
+        with zero3.construction(cfg, info.world_size) as partitioned:  # ZeRO-3: no rank holds the whole model
+            model = build_model(cfg, self.tokenizer.vocab_size)
+        if partitioned:
+            local, full = zero3.local_and_full_numel(model)
+            log.info("model built under deepspeed.zero.Init: this rank holds %d of %d parameters", local, full)
         self.checkpointer.prepare_model(model)  # a weights-only resume loads here, before ZeRO partitions
         self.engine, self.optimizer, self.scheduler = build_engine(
             cfg, model, info.world_size, load_universal=self.checkpointer.load_universal)

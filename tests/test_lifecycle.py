@@ -204,6 +204,34 @@ def test_signal_during_a_blocked_rendezvous_exits_for_requeue_at_once(tmp_path):
     assert "SIGTERM during the rendezvous" in err and took < 3, (took, err)
 
 
+_SIGNALLED_BEFORE_RENDEZVOUS = """
+import os, signal, sys, time
+from mmpretrain import preemption
+preemption.install_early()
+os.kill(os.getpid(), signal.SIGTERM)  # the launcher tears down while this rank still imports
+time.sleep(0.2)
+with preemption.exit_on_signal_while_blocked("the rendezvous"):
+    print("entered", flush=True)
+    time.sleep(30)  # stands for a rendezvous with peers that are gone
+print("returned", flush=True)
+"""
+
+
+def test_signal_before_the_rendezvous_exits_instead_of_blocking(tmp_path):
+    """A TERM recorded during start-up (imports, preflight) is not held for the first step when the
+    rank reaches the rendezvous: the peers that would meet it may be gone (before: the deepspeed
+    launcher's SIGKILL 30 s later)."""
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", _SIGNALLED_BEFORE_RENDEZVOUS], env=tk.env(), capture_output=True,
+                         text=True, timeout=60, start_new_session=True)
+    took = time.perf_counter() - t0
+    assert res.returncode == REQUEUE_EXIT_CODE and "entered" not in res.stdout, res
+    assert "SIGTERM during start-up, before the rendezvous" in res.stderr and took < 10, (took, res.stderr)
+
+
 def test_start_up_does_not_load_inductor_for_deepspeeds_muon(tiny_data, tmp_path):
     """DeepSpeed's ZeRO path imports its Muon optimizer (torch.compile at import: TorchInductor,
     ~3-4 s of CPU per rank); a whole ZeRO-2 run must train without loading it."""

@@ -53,6 +53,13 @@ def _train(args, cwd, env_extra=None, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
+# the CLI's main, then on stdout which heavy modules it imported (a refusal must not pay for torch)
+_MAIN_THEN_MODULES = ("import sys, mmpretrain.train as t\n"
+                      "rc = t.main(sys.argv[1:])\n"
+                      "print('IMPORTED', sorted(m for m in ('torch', 'deepspeed', 'webdataset') if m in sys.modules))\n"
+                      "sys.exit(rc)\n")
+
+
 def _assert_refused(res, out: Path, *names: str) -> str:
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     text = res.stdout + res.stderr
@@ -97,9 +104,14 @@ CASES = [
 
 @pytest.mark.parametrize("name, overrides, names", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_in_one_line(shards, tmp_path, name, overrides, names):
+    """Each refusal, from the CLI's main in a fresh interpreter: one line, and no torch imported (a refused
+    config, shard list or tokenizer costs a fraction of a second, not the seconds of a torch import)."""
     out = tmp_path / "run"
-    res = _train(["--config", TINY, f"run.output_dir={out}", *overrides(shards)], cwd=tmp_path)
+    res = subprocess.run([sys.executable, "-c", _MAIN_THEN_MODULES, "--config", TINY, f"run.output_dir={out}",
+                          *overrides(shards)], cwd=tmp_path, env=tk.env(), capture_output=True, text=True,
+                         timeout=120)
     _assert_refused(res, out, *names)
+    assert "IMPORTED []" in res.stdout, res.stdout
 
 
 @pytest.mark.parametrize("case", ["proc", "under_file", "readonly"])

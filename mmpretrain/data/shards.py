@@ -5,14 +5,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import braceexpand
-from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext
 
 from mmpretrain import faults
 
@@ -180,10 +179,16 @@ class _CountingFile:
         return getattr(self.f, name)
 
 
+# webdataset's key / extension split (tariterators.base_plus_ext, the same pattern; a test holds them
+# equal): importing webdataset imports torch, and preflight counts shards before any torch is needed
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
 def _split(name: str) -> Tuple[Optional[str], Optional[str]]:
     if "/" not in name and name.startswith("__") and name.endswith("__"):
         return None, None
-    key, ext = base_plus_ext(name)
+    match = _KEY_EXT.match(name)
+    key, ext = (match.group(1), match.group(2)) if match else (None, None)
     return key, (ext.lower() if ext else ext)
 
 
@@ -260,6 +265,8 @@ def read_shard(url: str, start: int = 0, count: Optional[int] = None) -> Iterato
 def _read(url: str, start: int) -> Iterator[RawSample]:
     faults.point("shards.open", url=url)
     path = local_path(url)
+    if path is None:  # webdataset imports torch: only pipes and remote URLs pay for it, not a refusal's checks
+        from webdataset.gopen import gopen
     raw = open(path, "rb") if path is not None else gopen(url, "rb")
     try:
         f = _CountingFile(raw, url) if faults.active("shards.bytes_read") else raw

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
-import torch
 from tokenizers import Tokenizer as _Tok
 from tokenizers import decoders, models, pre_tokenizers, processors
+
+if TYPE_CHECKING:  # torch loads at the first pad: preflight loads a tokenizer to check it, torch-free
+    import torch
 
 MARKER = "mmpretrain_tokenizer.json"
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
@@ -62,6 +64,8 @@ class Tokenizer:
         return [self.bos_id] + ids + [self.eos_id]
 
     def pad(self, seqs: Sequence[Sequence[int]], max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         out = torch.full((len(seqs), max_len), self.pad_id, dtype=torch.long)
         lens = torch.zeros(len(seqs), dtype=torch.long)
         for i, s in enumerate(seqs):

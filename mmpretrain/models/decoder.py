@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from mmpretrain.config import Config
 from mmpretrain.models.transformer import DecodeCache, Encoder, init_weights
+from mmpretrain.models.zero3 import gathered
 from mmpretrain.ops.attention import attention
 
 
@@ -71,8 +72,9 @@ class MultimodalDecoder(nn.Module):
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
         init_weights(self)
-        for k in self.modalities:
-            nn.init.normal_(self.modality_embed[k], std=0.02)
+        with gathered(list(self.modality_embed.parameters())):  # a built submodule: partitioned under zero.Init
+            for k in self.modalities:
+                nn.init.normal_(self.modality_embed[k], std=0.02)
 
     def context(
         self,

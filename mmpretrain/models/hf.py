@@ -22,7 +22,6 @@ import torch.nn as nn
 
 from mmpretrain.config import Config, ConfigError
 
-TOWER_INITS = ("auto", "random", "hf")  # any other model.<tower>.init is a path to our export / checkpoint
 ASSETS_DIR = "hf_towers"  # in an export and a run directory: <modality>/ per HF tower
 PROCESSOR_FILE = "preprocessor_config.json"
 CAUSAL_TEXT = ("clip_text_model", "clip")  # text families whose pooled state is the EOS token's
@@ -104,7 +103,9 @@ def build_hf_model(key: str, t: Any, role: str, overrides: Optional[Dict[str, An
         setattr(config, k, v)
     cls = _model_class(config)
     kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
-    with quiet():
+    # forked RNG: whatever transformers draws (a random init it then overwrites, or not, and
+    # differently under zero.Init) must not shift the draws of the native modules built after it
+    with quiet(), torch.random.fork_rng(devices=[]):
         if t.init in ("auto", "hf"):
             model = cls.from_pretrained(t.hf_path, config=config, local_files_only=True, **kwargs)
         else:  # random, or a path to our own export (loaded over it by MultimodalModel)
@@ -244,13 +245,10 @@ def processor_size(d: Dict[str, Any]) -> Optional[int]:
 
 
 def check_tower(cfg: Config, section: str, role: Optional[str]) -> None:
-    """Everything an HF tower of `model.<section>` (role 'language' | 'vision'; None: only `init`)
-    needs, read from its directory (preflight)."""
+    """Everything an HF tower of `model.<section>` (role 'language' | 'vision'; None: nothing) needs,
+    read from its directory (preflight; which checks `init` paths itself)."""
     t = getattr(cfg.model, section)
     key = f"model.{section}.hf_path"
-    if t.init not in TOWER_INITS and not os.path.exists(t.init):
-        raise ConfigError(f"config key 'model.{section}.init' = {t.init!r}: no such export or checkpoint "
-                          "(give auto, random, hf or a path)")
     if t.kind != "hf":
         return
     if role == "language":
@@ -364,7 +362,9 @@ def load_tower_init(tower: nn.Module, modality: str, key: str, path: str) -> Non
             raise ConfigError(f"config key '{key}' = {path!r}: {e}") from None
     prefix = f"towers.{modality}."
     own = {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
-    missing, unexpected = tower.load_state_dict(own, strict=False)
+    from mmpretrain.models import zero3
+
+    missing, unexpected = zero3.load_state_dict(tower, own)  # also when built under zero.Init
     if not own or missing or unexpected:
         raise ConfigError(f"config key '{key}' = {path!r}: its '{prefix}*' weights do not fit this tower "
                           f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mmpretrain.config import ConfigError
+from mmpretrain.config import ConfigError, audio_frontend_path
 
 # config.json `model_type` -> family; anything else is refused
 FAMILIES = {"audio-spectrogram-transformer": "ast", "whisper": "whisper", "wav2vec2": "wav2vec2", "hubert": "hubert"}
@@ -411,10 +411,11 @@ def build_hf_audio_tower(cfg: Any, vocab_size: int = 0) -> HFAudioTower:
 
     config = AutoConfig.from_pretrained(s.path, local_files_only=True)
     _training_safe(config, s.family)
-    if init in ("auto", "hf"):
-        model = _load_pretrained(s.path, config)
-    else:
-        model = AutoModel.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # as models.hf.build_hf_model: later native draws stay put
+        if init in ("auto", "hf"):
+            model = _load_pretrained(s.path, config)
+        else:
+            model = AutoModel.from_config(config, dtype=torch.float32)
     if s.family == "whisper":
         # a WhisperModel (also from a WhisperForConditionalGeneration dir): keep the encoder only
         model = model.get_encoder()
@@ -436,14 +437,7 @@ def build_hf_audio_tower(cfg: Any, vocab_size: int = 0) -> HFAudioTower:
 # evaluation and inference.
 
 FRONTEND_KEY = "data.audio.feature_extractor"
-
-
-def frontend_path(data_cfg: Any) -> Optional[str]:
-    """`data.audio.feature_extractor`, or None (also on a config that lacks the key)."""
-    try:
-        return data_cfg.audio.feature_extractor or None
-    except AttributeError:  # a config from before the key existed
-        return None
+frontend_path = audio_frontend_path  # in the torch-free schema module: preflight reads it without torch
 
 
 def audio_decode(data: bytes, data_cfg: Any, rng: Optional[np.random.Generator]) -> np.ndarray:

@@ -78,7 +78,8 @@ class MultimodalModel(nn.Module):
     def _init_and_lock_towers(self, cfg: Config) -> None:
         """`model.<section>.init` = a path: that tower's weights from our export / checkpoint; then
         `lock` / `unlock_*` (models.freeze)."""
-        from mmpretrain.models.hf import TOWER_INITS, load_tower_init
+        from mmpretrain.config import TOWER_INITS
+        from mmpretrain.models.hf import load_tower_init
 
         for mod in M.all_modalities():
             t = getattr(cfg.model, mod.config_section, None) if mod.config_section else None

@@ -136,14 +136,20 @@ class Encoder(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """Small normal init for linears/embeddings (ViT/CLIP practice); LayerNorm = identity."""
+    """Small normal init for linears/embeddings (ViT/CLIP practice); LayerNorm = identity. Under
+    zero.Init one module's parameters are gathered at a time (models.zero3)."""
+    from mmpretrain.models.zero3 import gathered
+
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
+        if not isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+            continue
+        with gathered(list(m.parameters(recurse=False))):
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            else:
+                nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)

@@ -86,3 +86,15 @@ def test_a_source_of_only_bad_shards_names_the_file(tmp_path):
     cfg = make_cfg(str(bad))
     with pytest.raises(DataError, match=r"shard '.*only\.tar' is gzip-compressed"):
         build_eval_loader(str(bad), cfg, TOK, batch_size=2, source=SourceConfig(name="x", urls=str(bad)))
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "dir/a.b.c.txt", "x/y.z/k.flac", "noext", ".hidden.txt", "a.", "dir/.x",
+                                  "a.b/c", "s0001.json", "deep/er/key.depth.png"])
+def test_member_split_is_webdatasets(name):
+    """shards._split keeps webdataset's key / extension rule without importing it (and torch)."""
+    from webdataset.tariterators import base_plus_ext
+
+    from mmpretrain.data.shards import _split
+
+    key, ext = base_plus_ext(name)
+    assert _split(name) == (key, ext.lower() if ext else ext)
