@@ -63,7 +63,10 @@ class DataConfig:
     num_workers: int = 2
     image_size: int = 64
     audio: AudioDataConfig = field(default_factory=AudioDataConfig)
-    text_max_len: int = 32
+    # tokens per caption, BOS and EOS included; longer captions are cut at the end, counted per source
+    # (metrics data/truncated) and warned about when more than 20 % are. The byte tokenizer spends one
+    # token per byte: a ~100-character caption needs ~100 (a BPE tokenizer fits it in ~25)
+    text_max_len: int = 128
     tokenizer: str = "bytes"  # "bytes", a tokenizer.json file, or a local HF tokenizer dir
     shuffle_buffer: int = 256
     shard_shuffle: bool = True
@@ -86,6 +89,9 @@ class TowerBase:
     (every kind; mmpretrain.models.freeze, mmpretrain.models.hf)."""
 
     kind: str = "native"  # the tower builder registered for this modality (mmpretrain.modalities)
+    # false: no tower, its pairs are off, its members are not decoded (also automatic when no pair of
+    # weight > 0 and no captioning uses the modality: modalities.active)
+    enabled: bool = True
     width: int = 128
     depth: int = 2
     heads: int = 4
@@ -97,6 +103,9 @@ class TowerBase:
     unlock_last_n_layers: int = 0  # with lock: the last n encoder layers (and the final norm) still train
     unlock_layernorm: bool = False  # with lock: LayerNorm weights still train (LayerNorm-only tuning)
     lr_mult: float = 1.0  # this tower's learning rate = optim.lr x lr_mult (projections keep optim.lr)
+    # recompute each layer's activations in backward instead of keeping them (memory for compute;
+    # text: the caption decoder and its causal module too)
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -166,6 +175,14 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     zero_stage: int = 2
+    # torch.compile of each tower: off | inductor | aot_eager | eager (models/compile.py); ZeRO 0-2
+    compile: str = "off"
+    # the device's peak TFLOP/s at the run's precision, for the logged MFU (0 = no MFU; a table of
+    # dense bf16 peaks: mmpretrain.throughput, README)
+    peak_tflops: float = 0.0
+    # merged into the generated DeepSpeed config (engine.PASSTHROUGH: offload, overlap_comm, bucket
+    # sizes, stage-3 knobs, ...); what other keys set (batch sizes, precision, stage, clipping) is refused
+    deepspeed: Dict[str, Any] = field(default_factory=dict)
     # stage 3: build the model under deepspeed.zero.Init (each module partitioned as it is built,
     # HF towers loaded shard-wise), so no rank ever holds the whole model; false = build whole, then partition
     zero3_init: bool = True
@@ -273,6 +290,7 @@ _CHOICES = {
     "loss.impl": ("naive", "tiled"),
     "train.precision": tuple(DTYPES),
     "train.zero_stage": (0, 1, 2, 3),
+    "train.compile": ("off", "inductor", "aot_eager", "eager"),
     "log.wandb.mode": ("disabled", "offline", "online"),
     "model.vision.stem": ("patch", "conv"),
     "model.attention_backend": ("auto", "sdpa", "triton", "flash", "reference"),
@@ -306,6 +324,7 @@ _RANGES = {
     "train.steps": (1, None, True),
     "train.micro_batch_size": (1, None, True),
     "train.grad_accum": (1, None, True),
+    "train.peak_tflops": (0.0, None, True),
     "train.grad_clip": (0.0, None, True),
     "train.log_every": (1, None, True),
     "train.eval_every": (0, None, True),
@@ -436,6 +455,10 @@ def validate(cfg: Config) -> None:
     for pair, w in cfg.loss.pairs.items():
         if w < 0:
             raise ConfigError(f"config key 'loss.pairs.{pair}' = {w} must be >= 0")
+    if cfg.train.compile != "off" and cfg.train.zero_stage == 3:
+        raise ConfigError(f"config key 'train.compile' = {cfg.train.compile!r} with train.zero_stage=3: ZeRO-3 gathers "
+                          "a tower's parameters in hooks around its forward, which a compiled tower does not run "
+                          "the same way; compile with stages 0-2")
     contrastive_off = sum(modalities.pair_weights(cfg).values()) == 0
     if contrastive_off and cfg.loss.caption_weight == 0:
         raise ConfigError("config keys 'loss.pairs.*' and 'loss.caption_weight' are all 0: nothing to train")

@@ -31,6 +31,55 @@ NO_DECAY_EMBEDDINGS = (
 )
 
 
+# train.deepspeed: top-level DeepSpeed keys passed through as given (zero_optimization is checked
+# against DeepSpeed's own schema); the keys in OWNED come from other config keys and are refused
+PASSTHROUGH = ("zero_optimization", "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
+               "sparse_gradients", "wall_clock_breakdown", "memory_breakdown", "flops_profiler", "comms_logger",
+               "aio", "zero_force_ds_cpu_optimizer", "steps_per_print", "dump_state", "data_types")
+OWNED = {"train_batch_size": "train.micro_batch_size x train.grad_accum x the world size",
+         "train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum",
+         "gradient_clipping": "train.grad_clip", "bf16": "train.precision", "fp16": "train.precision",
+         "optimizer": "optim.*", "scheduler": "optim.* (warmup + cosine)", "checkpoint": "train.resume",
+         "zero_allow_untested_optimizer": "the engine (our AdamW)"}
+
+
+def deepspeed_overrides_problem(overrides: Any) -> Optional[str]:
+    """Why `train.deepspeed` cannot be merged (one line naming the key), or None."""
+    from collections.abc import Mapping
+
+    if not isinstance(overrides, Mapping):
+        return f"config key 'train.deepspeed' = {overrides!r} must be a mapping of DeepSpeed settings"
+    for k in overrides:
+        if k in OWNED:
+            return f"config key 'train.deepspeed.{k}' is set from {OWNED[k]}: set that instead"
+        if k not in PASSTHROUGH:
+            return f"config key 'train.deepspeed.{k}' is not a DeepSpeed setting passed through; allowed: {list(PASSTHROUGH)}"
+    zero = overrides.get("zero_optimization", {})
+    if not isinstance(zero, Mapping):
+        return f"config key 'train.deepspeed.zero_optimization' = {zero!r} must be a mapping"
+    if "stage" in zero:
+        return "config key 'train.deepspeed.zero_optimization.stage' is set from train.zero_stage: set that instead"
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**{"stage": 0, **dict(zero)})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        return (f"config key 'train.deepspeed.zero_optimization.{where}' = {err.get('input')!r}: "
+                f"{err.get('msg', 'invalid')} (DeepSpeed's zero_optimization schema)")
+    return None
+
+
+def _merged(base: Dict[str, Any], over: Any) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in dict(over).items():
+        out[k] = _merged(out[k], v) if isinstance(out.get(k), dict) and hasattr(v, "items") else \
+            (dict(v) if hasattr(v, "items") else v)
+    return out
+
+
 def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> Dict[str, Any]:
     t = cfg.train
     ds: Dict[str, Any] = {
@@ -39,8 +88,10 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
-        # our optimizer is a torch one, which DeepSpeed calls "untested"
+        # our optimizer is a torch one, which DeepSpeed calls "untested"; with offload_optimizer it
+        # steps on the CPU partitions (DeepSpeed would otherwise insist on its compiled CPU Adam)
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         # True only when resuming a universal checkpoint (a world-size change)
@@ -52,6 +103,12 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 100}
+    extra = getattr(t, "deepspeed", None)
+    if extra:
+        from omegaconf import OmegaConf
+
+        plain = OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra) else dict(extra)
+        ds = _merged(ds, plain)  # validated by preflight (deepspeed_overrides_problem)
     return ds
 
 

@@ -35,8 +35,8 @@ def clip_incompatibility(cfg: Any, tokenizer: Any) -> Optional[str]:
     """Why this model is not a CLIPModel (one line), or None when it maps exactly."""
     from mmpretrain import modalities as M
 
-    if "image" not in M.names() or M.TEXT not in M.names():
-        return "no image or no text modality"
+    if "image" not in M.active_names(cfg) or M.TEXT not in M.active_names(cfg):
+        return "no image or no text tower"
     v, t = cfg.model.vision, cfg.model.text
     for sec, tower, want, pool in ((v, "vision", "clip_vision_model", ("auto", "cls")),
                                    (t, "text", "clip_text_model", ("auto", "eos"))):

@@ -50,7 +50,7 @@ class FeatureCache:
         """Embed every micro-batch without gradient (same forward, same RNG as the replay)."""
         if not batches:
             raise ValueError("the feature cache needs at least one micro-batch")
-        names = M.names()
+        names = list(model.towers) if hasattr(model, "towers") else M.names()  # the towers the model has
         feats: Dict[str, List[torch.Tensor]] = {m: [] for m in names}
         rng_states, offsets, off = [], [], 0
         for b in batches:
@@ -60,7 +60,7 @@ class FeatureCache:
                 feats[m].append(out.embeddings[m].detach().float())
             offsets.append(off)
             off += len(b)
-        masks = {m: torch.cat([b.masks[m].bool() for b in batches]) for m in names}
+        masks = {m: torch.cat([b.masks[m].bool() for b in batches]) for m in M.names()}
         denom = None
         if getattr(model, "decoder", None) is not None:
             local = torch.stack([caption_token_count(b) for b in batches]).sum().float()

@@ -153,13 +153,17 @@ class MMPretrainModel(PreTrainedModel):
         given = {"pixel_values": pixel_values, "input_values": input_values}
         emb: Dict[str, torch.Tensor] = {}
         for m in M.all_modalities():  # in registry order, text included
+            if m.name not in self.mm.towers:
+                if m.name != M.TEXT and given.get(m.hf_input) is not None:
+                    self.mm.tower(m.name)  # raises: this model was built without that tower
+                continue
             if m.name == M.TEXT:
                 if input_ids is not None:
                     emb[m.name] = self.get_text_features(input_ids, attention_mask)
             elif given.get(m.hf_input) is not None:
                 emb[m.name] = self.get_features(m.name, given[m.hf_input])
         out = {f"{m}_embeds": e for m, e in emb.items()}
-        for p in M.pairs():
+        for p in M.active_pairs(self.mm.cfg):
             if p.a in emb and p.b in emb:
                 out[f"logits_{p.name}"] = self.mm.scale(p.name) * emb[p.a] @ emb[p.b].t()
         return out

@@ -85,6 +85,7 @@ class InferenceModel:
     @torch.no_grad()
     def encode(self, modality: str, items: Any, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, E) embeddings of `items` (text: strings, or ids with `lengths`)."""
+        self.model.tower(modality)  # a clear error for a modality this model was built without
         if modality != modalities.TEXT:
             x = self.preprocess(modality, items).to(self.device)
             return self.model.encode(modality, x).float().cpu()
@@ -121,6 +122,9 @@ class InferenceModel:
         GenerationConfig fields (num_beams, do_sample, top_k, top_p, max_new_tokens, ...)."""
         if getattr(self.model, "decoder", None) is None:
             raise RuntimeError("this model has no captioning decoder (model.text.decoder_depth=0)")
+        for m in modalities.captioned():
+            if kwargs.get(m) is not None and m not in self.model.decoder.modalities:
+                raise ValueError(f"this model's decoder captions {self.model.decoder.modalities}, not '{m}'")
         inputs = {m: self.preprocess(m, kwargs.pop(m)).to(self.device) for m in modalities.captioned()
                   if kwargs.get(m) is not None}
         for m in modalities.captioned():

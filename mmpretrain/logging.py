@@ -92,8 +92,13 @@ class MetricsLogger:
         for k in sorted(rec):
             if k.startswith("loss/"):
                 parts.append(f"{k[5:]} {_fmt(rec[k], '.3f')}")
-        parts += [f"lr {_fmt(rec.get('lr', 0), '.2e')}", f"{_fmt(rec.get('samples_per_s', 0), '.1f')} samples/s",
-                  f"ETA {eta:.0f}s"]
+        parts += [f"lr {_fmt(rec.get('lr', 0), '.2e')}", f"{_fmt(rec.get('samples_per_s', 0), '.1f')} samples/s"]
+        if rec.get("tflops_per_device") is not None:
+            parts.append(f"{rec['tflops_per_device']:.3g} TFLOP/s/device"
+                         + (f" (MFU {100 * rec['mfu']:.1f}%)" if rec.get("mfu") is not None else ""))
+        if rec.get("peak_mem_mib") is not None:
+            parts.append(f"peak mem {rec['peak_mem_mib']:.0f} MiB")
+        parts.append(f"ETA {eta:.0f}s")
         if rec.get("nonfinite_steps"):
             parts.append(f"{rec['nonfinite_steps']} non-finite steps skipped")
         return " | ".join(parts)

@@ -41,7 +41,7 @@ class ContrastiveLoss:
     def __init__(self, cfg: Config) -> None:
         self.kind = cfg.loss.kind
         self.impl = cfg.loss.impl
-        self.pairs = {p.name: p for p in M.pairs()}
+        self.pairs = {p.name: p for p in M.active_pairs(cfg)}  # between the towers the model has
         self.weights = M.pair_weights(cfg)
         self.min_valid = cfg.loss.min_valid_pairs
 

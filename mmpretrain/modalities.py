@@ -153,10 +153,48 @@ def pair_names() -> List[str]:
     return [p.name for p in pairs()]
 
 
-def pair_weights(cfg: Any) -> Dict[str, float]:
-    """`loss.pairs` resolved: every pair, weight 1 unless the config says otherwise."""
+def _all_pair_weights(cfg: Any) -> Dict[str, float]:
     given = dict(cfg.loss.pairs)
     return {p: float(given.get(p, 1.0)) for p in pair_names()}
+
+
+def tower_enabled(cfg: Any, m: Modality) -> bool:
+    """`model.<section>.enabled` (true when the section or the key is absent)."""
+    section = getattr(cfg.model, m.config_section, None) if m.config_section else None
+    return bool(getattr(section, "enabled", True)) if section is not None else True
+
+
+def active(cfg: Any) -> List[Modality]:
+    """The modalities this run builds a tower for, in registry order: text (the anchor) always;
+    another when its tower is enabled and a contrastive pair of weight > 0 with another enabled
+    modality, or the caption decoder (captioned, loss.caption_weight > 0), uses it. An image-text
+    run (loss.pairs: {audio_text: 0, image_audio: 0}, no audio captions) builds no audio tower."""
+    on = {m.name for m in _REGISTRY.values() if m.kind == "text" or tower_enabled(cfg, m)}
+    weights = _all_pair_weights(cfg)
+    used = {TEXT}
+    for p in pairs():
+        if weights[p.name] > 0 and p.a in on and p.b in on:
+            used |= {p.a, p.b}
+    if cfg.loss.caption_weight > 0 and cfg.model.text.decoder_depth > 0:
+        used |= {m.name for m in _REGISTRY.values() if m.captioned and m.name in on}
+    return [m for m in _REGISTRY.values() if m.name in used]
+
+
+def active_names(cfg: Any) -> List[str]:
+    return [m.name for m in active(cfg)]
+
+
+def active_pairs(cfg: Any) -> List[Pair]:
+    """The pairs between built towers (their scales exist; evaluation retrieves along them)."""
+    on = set(active_names(cfg))
+    return [p for p in pairs() if p.a in on and p.b in on]
+
+
+def pair_weights(cfg: Any) -> Dict[str, float]:
+    """`loss.pairs` resolved over the pairs between built towers: weight 1 unless the config
+    says otherwise."""
+    weights = _all_pair_weights(cfg)
+    return {p.name: weights[p.name] for p in active_pairs(cfg)}
 
 
 def tower_kind(cfg: Any, m: Modality) -> str:
@@ -182,6 +220,16 @@ def validate_config(cfg: Any) -> Optional[str]:
         if kind not in m.towers:
             return (f"config key 'model.{m.config_section}.kind' = {kind!r} is not allowed; choose one of "
                     f"{sorted(m.towers)}")
+    for m in all_modalities():
+        if not tower_enabled(cfg, m) and m.kind == "text":
+            return f"config key 'model.{m.config_section}.enabled' = false: the text tower is the anchor of every pair"
+        if tower_enabled(cfg, m):
+            continue
+        for p in pairs():
+            w = cfg.loss.pairs.get(p.name)
+            if m.name in (p.a, p.b) and w is not None and float(w) > 0:
+                return (f"config key 'loss.pairs.{p.name}' = {w} uses modality '{m.name}', whose tower is off "
+                        f"(model.{m.config_section}.enabled: false)")
     for i, src in enumerate(cfg.data.train):
         bad = sorted({r.strip() for r in src.required.split(";") if r.strip()} - set(names()))
         if bad:

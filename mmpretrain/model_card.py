@@ -69,7 +69,7 @@ def _architecture(cfg: Any, vocab_size: int, model: Any = None) -> List[str]:
     m = cfg.model
     towers = getattr(model, "towers", {}) if model is not None else {}
     lines = ["| tower | kind | width | depth | heads | details |", "|---|---|---|---|---|---|"]
-    for mod in M.all_modalities():
+    for mod in M.active(cfg):  # the towers this model has
         sec = getattr(m, mod.config_section, None) if mod.config_section else None
         if sec is None:
             lines.append(f"| {mod.name} | plugin | | | | |")
@@ -98,10 +98,10 @@ def _architecture(cfg: Any, vocab_size: int, model: Any = None) -> List[str]:
         lines.append(f"| {mod.name} | {kind} | {shape[0]} | {shape[1]} | {shape[2]} | {'; '.join(detail)} |")
     lines.append("")
     lines.append(f"Shared embedding dimension {m.embed_dim} (a bias-free linear projection per tower); "
-                 f"contrastive loss `{cfg.loss.kind}` over the pairs {', '.join(M.pair_names())}.")
+                 f"contrastive loss `{cfg.loss.kind}` over the pairs {', '.join(M.pair_weights(cfg))}.")
     if m.text.decoder_depth > 0:
         lines.append(f"Captioning decoder (CoCa-style): {m.text.decoder_depth} cross-attention layers over "
-                     f"{', '.join(M.captioned())} tokens.")
+                     f"{', '.join(c for c in M.captioned() if c in M.active_names(cfg))} tokens.")
     return lines
 
 

@@ -27,6 +27,7 @@ def check(cfg: Config, config_path: Optional[str] = None, env: Optional[Mapping[
     check_data(cfg, config_path)
     check_tokenizer(cfg.data.tokenizer)
     check_towers(cfg)
+    check_deepspeed(cfg)
     check_resume(cfg.train.resume)
     check_port(env)
 
@@ -111,7 +112,7 @@ def check_towers(cfg: Config) -> None:
     from mmpretrain import modalities as M  # lazy: the registry imports the schema
     from mmpretrain.config import TOWER_INITS, audio_frontend_path
 
-    sections = [(m, getattr(cfg.model, m.config_section, None)) for m in M.all_modalities() if m.config_section]
+    sections = [(m, getattr(cfg.model, m.config_section, None)) for m in M.active(cfg) if m.config_section]
     sections = [(m, t) for m, t in sections if t is not None and hasattr(t, "init")]
     for m, t in sections:
         if t.init not in TOWER_INITS and not os.path.exists(t.init):
@@ -127,6 +128,22 @@ def check_towers(cfg: Config) -> None:
     hf.resolve_image_stats(cfg)
     hf_audio.resolve_audio_frontend(cfg)  # data.audio.feature_extractor from model.audio.hf_path
     hf_audio.check_audio_tower(cfg)
+
+
+def check_deepspeed(cfg: Config) -> None:
+    """`train.deepspeed` (merged into the generated DeepSpeed config): only keys passed through,
+    zero_optimization by DeepSpeed's own schema. DeepSpeed (and torch) load only when it is set."""
+    extra = cfg.train.deepspeed
+    if not extra:
+        return
+    from omegaconf import OmegaConf
+
+    from mmpretrain.engine import deepspeed_overrides_problem
+
+    problem = deepspeed_overrides_problem(OmegaConf.to_container(extra, resolve=True)
+                                          if OmegaConf.is_config(extra) else extra)
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_resume(spec: str) -> None:

@@ -26,6 +26,8 @@ from mmpretrain.eval.suite import EvalSuite, summary_lines
 from mmpretrain.feature_cache import FeatureCache
 from mmpretrain.logging import MetricsLogger, setup_logging
 from mmpretrain.models import build_model, zero3
+from mmpretrain.models.compile import compile_towers
+from mmpretrain.throughput import FlopMeter, peak_memory_mib
 from mmpretrain.models.hf import save_tower_assets
 from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatcher
 from mmpretrain.safe_load import UnsafeCheckpointError
@@ -68,6 +70,8 @@ class Trainer:
             local, full = zero3.local_and_full_numel(model)
             log.info("model built under deepspeed.zero.Init: this rank holds %d of %d parameters", local, full)
         self.checkpointer.prepare_model(model)  # a weights-only resume loads here, before ZeRO partitions
+        device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        compile_towers(model, cfg.train.compile, device)
         self.engine, self.optimizer, self.scheduler = build_engine(
             cfg, model, info.world_size, load_universal=self.checkpointer.load_universal)
         self.dtype = dtype_of(cfg.train.precision)
@@ -82,6 +86,7 @@ class Trainer:
         self.nonfinite_total, self.nonfinite_run = progress.nonfinite_total, 0
         self._closed = False
         self.metrics = MetricsLogger(cfg, info.rank, cfg.train.steps, start_step=self.step)
+        self.flops = FlopMeter(cfg.train.peak_tflops)
         if watcher is None:  # run() installs it first thing (a signal during start-up is kept)
             watcher = preemption.install_early()
         watcher.set_margin(cfg.train.preempt_margin_minutes * 60)
@@ -121,13 +126,14 @@ class Trainer:
             td = time.perf_counter()
             batch = cache.batches[micro] if cache is not None else self._next_batch()
             data_wait += time.perf_counter() - td
-            loss, metrics = self.engine(batch) if cache is None else self.engine(batch, feature_cache=cache,
-                                                                                  micro_index=micro)
-            # loss metrics are already summed over ranks (losses.py), so every rank sees the same
-            # non-finite terms and skips the same step without another collective
-            values = {k: float(v) for k, v in metrics.items()}
-            bad_terms.extend(k for k, v in values.items() if k.startswith("loss") and not math.isfinite(v))
-            self.engine.backward(loss)
+            with self.flops.counting(len(batch)):  # once per process: FLOPs of a forward + backward
+                loss, metrics = self.engine(batch) if cache is None else self.engine(batch, feature_cache=cache,
+                                                                                      micro_index=micro)
+                # loss metrics are already summed over ranks (losses.py), so every rank sees the same
+                # non-finite terms and skips the same step without another collective
+                values = {k: float(v) for k, v in metrics.items()}
+                bad_terms.extend(k for k, v in values.items() if k.startswith("loss") and not math.isfinite(v))
+                self.engine.backward(loss)
             if micro == self.cfg.train.grad_accum - 1 and self.cfg.train.zero_stage == 0:
                 grads_ok = self._grads_finite_stage0()
                 if not grads_ok or bad_terms:
@@ -172,9 +178,31 @@ class Trainer:
         gn = self.engine.get_global_grad_norm()
         rec["grad_norm"] = float(gn) if gn is not None else None
         rec["samples_per_s"] = mb / max(m["step_time"], 1e-9)
-        for k, v in self.loader.stats().items():
+        rec["samples_per_s_per_device"] = rec["samples_per_s"] / self.info.world_size
+        rec.update(self.flops.figures(rec["samples_per_s_per_device"]))  # FLOPs / sample, TFLOP/s, MFU
+        rec["peak_mem_mib"] = peak_memory_mib(self.engine.device)
+        stats = self.loader.stats()
+        for k, v in stats.items():
             rec[f"data/{k}"] = v
+        self._warn_truncation(stats)
         return rec
+
+    TRUNCATION_WARN_SHARE = 0.2  # a source whose captions are cut this often is warned about (once)
+
+    def _warn_truncation(self, stats: Dict[str, Any]) -> None:
+        """Captions longer than data.text_max_len are cut at the end; when many are, captions that
+        share their opening words all look alike and the contrastive loss can sit at ln(batch)."""
+        warned = self.__dict__.setdefault("_truncation_warned", set())
+        for name, cut in stats.get("truncated", {}).items():
+            seen = stats.get("per_source", {}).get(name, 0)
+            if name in warned or seen < 64 or cut <= self.TRUNCATION_WARN_SHARE * seen:
+                continue
+            warned.add(name)
+            hint = (" (data.tokenizer is 'bytes': one token per byte; a BPE tokenizer, tools/train_tokenizer.py, "
+                    "fits far more text in the same context)" if self.cfg.data.tokenizer == "bytes" else "")
+            log.warning("source '%s': %d of %d captions (%.0f%%) are longer than data.text_max_len=%d tokens and were "
+                        "cut at the end; captions that then look alike leave nothing to tell apart: raise "
+                        "data.text_max_len%s", name, cut, seen, 100 * cut / seen, self.cfg.data.text_max_len, hint)
 
     def progress(self) -> ckpt_lib.Progress:
         """The counters a checkpoint carries (the manager adds the rest)."""

@@ -59,6 +59,16 @@ def nan_image() -> None:
     faults.register("train.batch", hook)
 
 
+def no_audio_on_rank1() -> None:
+    """Rank 1's batches have no audio at all (every audio mask cleared): a rank with an empty modality."""
+
+    def hook(step: int, batch, rank: int) -> None:
+        if rank == 1:
+            batch.masks["audio"][:] = False
+
+    faults.register("train.batch", hook)
+
+
 @contextmanager
 def io_counters() -> Iterator[Dict[str, int]]:
     """Counts shard I/O of this process inside the block: opens, samples read, bytes read."""

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .. import modalities as M
 from ..config import Config, DataConfig, SourceConfig
 from .decode import DecodeError
 from .samples import SampleProcessor, SourceSpec, collate, parse_source
@@ -49,6 +50,8 @@ class Plan:
     train: bool
     resampled: bool
     window: int
+    # the modalities the run has towers for (modalities.active): others are neither decoded nor batched
+    active: Tuple[str, ...] = ()
 
 
 def _plan_sources(sources: List[SourceConfig], resampled: bool) -> List[SourcePlan]:
@@ -84,7 +87,7 @@ class SlotWorker:
         self.plan, self.worker = plan, worker
         self.slot = plan.rank * plan.workers + worker
         n_slots = plan.world_size * plan.workers
-        self.proc = SampleProcessor(plan.data, plan.tokenizer, plan.train)
+        self.proc = SampleProcessor(plan.data, plan.tokenizer, plan.train, plan.active or None)
         self.streams: List[WindowedStream] = []
         for sp in plan.sources:
             i = sp.spec.index
@@ -97,7 +100,7 @@ class SlotWorker:
         names = [sp.spec.name for sp in plan.sources]
         self.batch_idx = 0
         self.stats: Dict[str, Any] = {"seen": {n: 0 for n in names}, "samples": {n: 0 for n in names},
-                                      "skipped": {n: {} for n in names}}
+                                      "skipped": {n: {} for n in names}, "truncated": {n: 0 for n in names}}
         if state:
             self.batch_idx = int(state["batch"])
             for sp, st in zip(plan.sources, self.streams):
@@ -131,6 +134,8 @@ class SlotWorker:
                         f"({e.reason}: {e.detail})") from None
                 continue
             self.stats["samples"][name] += 1
+            if prep.truncated:  # counted, never silent: a cut caption can make every caption look alike
+                self.stats["truncated"][name] += 1
             return ex
 
     def batches(self) -> Iterator[Tuple[Optional[Dict[str, Any]], Dict[str, Any]]]:
@@ -148,16 +153,17 @@ class SlotWorker:
             except StopIteration:
                 if examples:
                     self.batch_idx += 1
-                    yield collate(examples, p.data, p.tokenizer.pad_id), self.state()
+                    yield collate(examples, p.data, p.tokenizer.pad_id, p.active or None), self.state()
                 yield None, self.state()
                 return
             self.batch_idx += 1
-            yield collate(examples, p.data, p.tokenizer.pad_id), self.state()
+            yield collate(examples, p.data, p.tokenizer.pad_id, p.active or None), self.state()
 
 
 def _copy_stats(s: Dict[str, Any]) -> Dict[str, Any]:
     return {"seen": dict(s["seen"]), "samples": dict(s["samples"]),
-            "skipped": {k: dict(v) for k, v in s["skipped"].items()}}
+            "skipped": {k: dict(v) for k, v in s["skipped"].items()},
+            "truncated": dict(s.get("truncated") or {k: 0 for k in s["seen"]})}  # older states lack it
 
 
 class _SlotDataset(IterableDataset):
@@ -194,6 +200,7 @@ def _sum_stats(states: List[Optional[Dict[str, Any]]], names: List[str]) -> Dict
     seen = {n: 0 for n in names}
     samples = {n: 0 for n in names}
     skipped: Dict[str, Dict[str, int]] = {n: {} for n in names}
+    truncated = {n: 0 for n in names}
     epochs: Dict[str, int] = {n: 0 for n in names}
     first = True
     for st in states:
@@ -204,11 +211,13 @@ def _sum_stats(states: List[Optional[Dict[str, Any]]], names: List[str]) -> Dict
             samples[n] += st["stats"]["samples"][n]
             for r, c in st["stats"]["skipped"][n].items():
                 skipped[n][r] = skipped[n].get(r, 0) + c
+            truncated[n] += st["stats"].get("truncated", {}).get(n, 0)
             e = st.get("epoch", {}).get(n, 0)
             epochs[n] = e if first else min(epochs[n], e)
         first = False
     return {"samples": sum(samples.values()), "per_source": samples, "seen": seen, "skipped": skipped,
             "skipped_total": sum(sum(v.values()) for v in skipped.values()),
+            "truncated": truncated, "truncated_total": sum(truncated.values()),
             "epoch": epochs[names[0]] if names else 0, "epoch_per_source": epochs}
 
 
@@ -243,7 +252,7 @@ class TrainLoader:
                          sources=_plan_sources(cfg.data.train, cfg.data.resampled), seed=self.seed,
                          batch_size=int(cfg.train.micro_batch_size), rank=rank, world_size=world_size,
                          workers=self.workers, train=True, resampled=bool(cfg.data.resampled),
-                         window=int(cfg.data.shuffle_buffer))
+                         window=int(cfg.data.shuffle_buffer), active=tuple(M.active_names(cfg)))
         self.names = [sp.spec.name for sp in self.plan.sources]
         self._states: List[Optional[Dict[str, Any]]] = [None] * self.workers
         self._consumed = 0
@@ -325,7 +334,8 @@ class EvalLoader:
         self.num_workers = int(cfg.data.num_workers)
         self.plan = Plan(data=cfg.data, tokenizer=tokenizer, sources=_plan_sources([src], False),
                          seed=int(cfg.run.seed), batch_size=int(batch_size), rank=rank, world_size=world_size,
-                         workers=max(1, self.num_workers), train=False, resampled=False, window=1)
+                         workers=max(1, self.num_workers), train=False, resampled=False, window=1,
+                         active=tuple(M.active_names(cfg)))
         self._states: List[Optional[Dict[str, Any]]] = [None] * self.plan.workers
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:

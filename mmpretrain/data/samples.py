@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ class Prepared:
     text: Optional[List[int]]
     captions: Dict[str, Optional[List[int]]]  # captioned modality -> token ids
     label: int
+    truncated: bool = False  # the caption had more tokens than data.text_max_len holds: its end was cut
 
 
 @dataclass
@@ -87,9 +88,13 @@ def _utf8(b: bytes) -> str:
 class SampleProcessor:
     """Turns raw samples into examples with the configured train or eval transforms."""
 
-    def __init__(self, data_cfg: DataConfig, tokenizer: Tokenizer, train: bool):
+    def __init__(self, data_cfg: DataConfig, tokenizer: Tokenizer, train: bool,
+                 active: Optional[Sequence[str]] = None):
+        """active: the modalities with a tower (None: all); the others' members count for
+        `required` but are never decoded."""
         self.cfg, self.tok, self.train = data_cfg, tokenizer, train
         self.max_len = int(data_cfg.text_max_len)
+        self.active = set(active) if active is not None else set(M.names())
 
     def prepare(self, raw: RawSample, spec: SourceSpec) -> Prepared:
         """Filter and tokenize; raises DecodeError(reason) for samples to skip."""
@@ -126,17 +131,27 @@ class SampleProcessor:
         for mod in sorted(spec.required):
             if not present[mod]:
                 raise DecodeError(f"missing_{mod}", f"members {sorted(files)}")
-        text = self._tok(caption)
+        media = {name: data for name, data in media.items() if name in self.active}  # no tower: not decoded
+        text, cut = self._tok_cut(caption)
         return Prepared(
             key=raw.key, source=spec.name, url=raw.url, media=media, text=text,
             captions={m: self._tok(meta.get(f"caption_{m}")) or text for m in M.captioned()},
-            label=_label(meta, files),
+            label=_label(meta, files), truncated=cut,
         )
 
-    def _tok(self, s: Any) -> Optional[List[int]]:
+    def _tok_cut(self, s: Any) -> Tuple[Optional[List[int]], bool]:
+        """(BOS + ids + EOS cut to data.text_max_len, whether ids were cut)."""
         if not isinstance(s, str) or not s.strip():
-            return None
-        return self.tok.encode_with_specials(s.strip(), self.max_len)
+            return None, False
+        # with room for one more token: longer than max_len means the real encoding cuts (the
+        # tokenizer's own truncation and special tokens decide; only a cut caption encodes twice)
+        ids = self.tok.encode_with_specials(s.strip(), self.max_len + 1)
+        if len(ids) <= self.max_len:
+            return ids, False
+        return self.tok.encode_with_specials(s.strip(), self.max_len), True
+
+    def _tok(self, s: Any) -> Optional[List[int]]:
+        return self._tok_cut(s)[0]
 
     def decode(self, p: Prepared, epoch: int, aug_seed: Tuple[int, ...]) -> Example:
         """Decode media; training augmentation is seeded by the sample's stream position."""
@@ -179,12 +194,17 @@ def _token_matrix(seqs: List[Optional[List[int]]], L: int, pad_id: int) -> Tuple
     return ids, lens
 
 
-def collate(examples: List[Example], data_cfg: DataConfig, pad_id: int) -> M.Batch:
-    """Examples -> the Batch every later stage reads (zeros + False mask where absent)."""
+def collate(examples: List[Example], data_cfg: DataConfig, pad_id: int,
+            active: Optional[Sequence[str]] = None) -> M.Batch:
+    """Examples -> the Batch every later stage reads (zeros + False mask where absent). A media
+    modality outside `active` (no tower) has a False mask and no input tensor."""
     b, L = len(examples), int(data_cfg.text_max_len)
     inputs: Dict[str, torch.Tensor] = {}
     masks: Dict[str, torch.Tensor] = {}
     for m in M.media():
+        if active is not None and m.name not in active:
+            masks[m.name] = torch.zeros(b, dtype=torch.bool)
+            continue
         x = torch.zeros(b, *m.sample_shape(data_cfg))
         mask = torch.zeros(b, dtype=torch.bool)
         for i, ex in enumerate(examples):

@@ -139,7 +139,10 @@ def caption_split(model: torch.nn.Module, loader, tokenizer, device: torch.devic
                   modalities: Optional[Sequence[str]] = None) -> Dict[str, List[Dict[str, str]]]:
     """Caption each captioned modality of this rank's samples (at most max_samples / world per rank
     when max_samples > 0) and gather every rank's records: {m: [{'key', 'prediction', 'reference'}]}."""
-    modalities = list(modalities) if modalities is not None else M.captioned()
+    if modalities is None:  # the captioned modalities this model's decoder reads
+        dec = getattr(model, "decoder", None)
+        modalities = list(dec.modalities) if dec is not None and hasattr(dec, "modalities") else M.captioned()
+    modalities = list(modalities)
     per_rank = -(-max_samples // D.world_size()) if max_samples > 0 else None
     recs: Dict[str, List[Dict[str, str]]] = {m: [] for m in modalities}
     was = model.training

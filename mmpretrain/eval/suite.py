@@ -40,7 +40,7 @@ class Embedded:
         return len(self) > 0 and bool((self.labels >= 0).all())
 
     def media(self) -> Dict[str, torch.Tensor]:
-        return {m: self.embeddings[m] for m in M.media_names()}
+        return {m: self.embeddings[m] for m in M.media_names() if m in self.embeddings}
 
     def cat(self, other: "Embedded") -> "Embedded":
         return Embedded({m: torch.cat([v, other.embeddings[m]]) for m, v in self.embeddings.items()},
@@ -67,7 +67,7 @@ def embed_split(model: torch.nn.Module, loader: Any, device: torch.device, dtype
     """Every modality's embedding of this rank's samples, then gathered over ranks."""
     was_training = model.training
     model.eval()
-    names = M.names()
+    names = [m for m in M.names() if m in model.towers]  # the modalities this model has towers for
     emb: Dict[str, List[torch.Tensor]] = {m: [] for m in names}
     masks: Dict[str, List[torch.Tensor]] = {m: [] for m in names}
     labels: List[torch.Tensor] = []
@@ -177,7 +177,7 @@ class EvalSuite:
             split = "stratified 50/50 split of the eval data"
         num_classes = max(int(both.labels.max()) + 1, len(opts.class_names or []))
         rep: Dict[str, Any] = linear_probe_report(both.media(), both.masks, both.labels, num_classes, tr_idx, te_idx,
-                                                  fuse=M.media_names())
+                                                  fuse=list(both.media()))
         rep["split"] = split
         return rep
 

@@ -299,10 +299,10 @@ def resolve_image_stats(cfg: Config) -> None:
 
 
 def hf_sections(cfg: Config) -> Dict[str, str]:
-    """modality -> its config section, for towers of kind hf."""
+    """modality -> its config section, for the run's towers of kind hf."""
     from mmpretrain import modalities as M
 
-    return {m.name: m.config_section for m in M.all_modalities()
+    return {m.name: m.config_section for m in M.active(cfg)
             if m.config_section and getattr(getattr(cfg.model, m.config_section), "kind", None) == "hf"}
 
 

@@ -19,7 +19,7 @@ from mmpretrain.generation import generate_ids
 from mmpretrain.models.decoder import MultimodalDecoder
 from mmpretrain.models.freeze import apply_lock, is_frozen
 from mmpretrain.models.text import TextTransformer
-from mmpretrain.models.transformer import init_weights
+from mmpretrain.models.transformer import init_weights, set_grad_checkpointing
 from mmpretrain.ops.attention import check_backend
 
 
@@ -50,14 +50,15 @@ class MultimodalModel(nn.Module):
         super().__init__()
         m = cfg.model
         self.cfg, self.vocab_size = cfg, vocab_size
-        self.towers = nn.ModuleDict({mod.name: M.build_tower(cfg, mod, vocab_size) for mod in M.all_modalities()})
+        # only the towers the run uses (modalities.active): an image-text run has no audio tower at all
+        self.towers = nn.ModuleDict({mod.name: M.build_tower(cfg, mod, vocab_size) for mod in M.active(cfg)})
         self.proj = nn.ModuleDict({k: nn.Linear(t.width, m.embed_dim, bias=False) for k, t in self.towers.items()})
         for tower in self.towers.values():  # HF towers keep their own (pretrained or from_config) init
             if not getattr(tower, "keeps_own_init", False):
                 init_weights(tower)
         init_weights(self.proj)
         init_scale = math.log(1.0 / cfg.loss.init_temperature)
-        pairs = M.pair_names()
+        pairs = self.pair_names
         # shape (1,), not 0-dim: DeepSpeed's parameter broadcast views tensors as bytes
         self.logit_scale = nn.ParameterDict({p: nn.Parameter(torch.full((1,), init_scale)) for p in pairs})
         # SigLIP's bias starts at -10 (paper); unused (and zero-grad) under InfoNCE
@@ -68,11 +69,13 @@ class MultimodalModel(nn.Module):
         # cache (ours), else (an HF encoder: bidirectional, its states see later tokens) a native one
         self.caption_tower: Optional[nn.Module] = None
         if m.text.decoder_depth > 0:
-            self.decoder = MultimodalDecoder(cfg, vocab_size, {k: self.towers[k].width for k in M.captioned()})
+            self.decoder = MultimodalDecoder(cfg, vocab_size, {k: self.towers[k].width for k in M.captioned()
+                                                               if k in self.towers})
             if not hasattr(self.towers[M.TEXT], "new_cache"):
                 self.caption_tower = TextTransformer(m.text, vocab_size, cfg.data.text_max_len, m.dropout)
                 init_weights(self.caption_tower)
         self._init_and_lock_towers(cfg)
+        self._set_checkpointing(cfg)
         self.set_attention_backend(m.attention_backend)
 
     def _init_and_lock_towers(self, cfg: Config) -> None:
@@ -81,7 +84,7 @@ class MultimodalModel(nn.Module):
         from mmpretrain.config import TOWER_INITS
         from mmpretrain.models.hf import load_tower_init
 
-        for mod in M.all_modalities():
+        for mod in M.active(cfg):
             t = getattr(cfg.model, mod.config_section, None) if mod.config_section else None
             if t is None:
                 continue
@@ -89,6 +92,28 @@ class MultimodalModel(nn.Module):
             if init not in TOWER_INITS:
                 load_tower_init(self.towers[mod.name], mod.name, f"model.{mod.config_section}.init", init)
             apply_lock(self.towers[mod.name], t)
+
+    def _set_checkpointing(self, cfg: Config) -> None:
+        for mod in M.active(cfg):
+            t = getattr(cfg.model, mod.config_section, None) if mod.config_section else None
+            if t is not None and getattr(t, "grad_checkpointing", False):
+                set_grad_checkpointing(self.towers[mod.name], True)
+        if getattr(cfg.model.text, "grad_checkpointing", False):
+            for extra in (self.decoder, self.caption_tower):
+                if extra is not None:
+                    set_grad_checkpointing(extra, True)
+
+    @property
+    def pair_names(self) -> List[str]:
+        """The contrastive pairs between this model's towers (each has a logit scale and bias)."""
+        return [p.name for p in M.active_pairs(self.cfg)]
+
+    def tower(self, modality: str) -> nn.Module:
+        """The tower of `modality`; a clear error when this model was built without it."""
+        if modality not in self.towers:
+            raise ValueError(f"this model has no '{modality}' tower (towers: {list(self.towers)}; a tower is left out "
+                             f"when model.<section>.enabled is false or no loss pair or captioning uses it)")
+        return self.towers[modality]
 
     def set_attention_backend(self, name: str) -> None:
         """'auto' | 'sdpa' | 'triton' | 'flash' | 'reference' for every attention of the model (plugin
@@ -102,7 +127,7 @@ class MultimodalModel(nn.Module):
     def encode(self, modality: str, x: torch.Tensor, lengths: Optional[torch.Tensor] = None,
                return_tokens: bool = False) -> Any:
         """x: the modality's batch input (text: ids with `lengths`) -> (B, E) unit vectors [, tokens]."""
-        tower = self.towers[modality]
+        tower = self.tower(modality)
         # a locked tower runs without autograd: no activations kept for a backward that never comes
         with torch.no_grad() if is_frozen(tower) else contextlib.nullcontext():
             pooled, tokens = tower(x, lengths) if modality == M.TEXT else tower(x)
@@ -111,7 +136,7 @@ class MultimodalModel(nn.Module):
 
     def __getattr__(self, name: str) -> Any:
         # encode_image(x), encode_text(ids, lengths), ... for every registered modality
-        if name.startswith("encode_") and name[7:] in M.names():
+        if name.startswith("encode_") and name[7:] in M.names():  # a tower left out: encode() says so
             modality = name[7:]
             return lambda x, *a, **k: self.encode(modality, x, *a, **k)
         return super().__getattr__(name)
@@ -158,16 +183,35 @@ class MultimodalModel(nn.Module):
         return CaptionOutput(mods, logits, toks, lens, present & (lens > 1))
 
     def forward(self, batch: M.Batch, captions: bool = True) -> ModelOutput:
-        """Every tower runs every step, present or not, so ZeRO's collectives line up.
+        """Each tower encodes only the rows where its modality is present; absent rows get zero
+        embeddings and tokens (the masks keep them out of every loss). A tower with no present row
+        still runs on one row, multiplied by 0, so that every rank runs every tower every step:
+        ZeRO-3 gathers a tower's parameters inside its forward, and every rank must join.
         captions=False skips the decoder (the feature cache's no-grad pass)."""
         emb, tok = {}, {}
         for name in self.towers:
             lengths = batch.text_len if name == M.TEXT else None
-            emb[name], tok[name] = self.encode(name, batch.inputs[name], lengths, return_tokens=True)
-        pairs = M.pair_names()
+            emb[name], tok[name] = self._encode_present(name, batch.inputs[name], batch.masks[name], lengths)
+        pairs = self.pair_names
         scales, biases = {p: self.scale(p) for p in pairs}, {p: self.logit_bias[p].squeeze(0) for p in pairs}
         caption = self.caption_logits(batch, tok) if captions and self.decoder is not None else None
         return ModelOutput(emb, tok, scales, biases, caption)
+
+
+    def _encode_present(self, name: str, x: torch.Tensor, mask: torch.Tensor,
+                        lengths: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        if bool(mask.all()):
+            return self.encode(name, x, lengths, return_tokens=True)
+        rows = mask.nonzero().squeeze(1)
+        dummy = rows.numel() == 0
+        if dummy:
+            rows = torch.zeros(1, dtype=torch.long, device=x.device)
+        e, t = self.encode(name, x.index_select(0, rows), None if lengths is None else lengths.index_select(0, rows),
+                           return_tokens=True)
+        if dummy:  # graph kept (zero gradients reach every parameter of the tower), nothing placed
+            return (e.new_zeros(n, *e.shape[1:]) + 0 * e.sum(), t.new_zeros(n, *t.shape[1:]) + 0 * t.sum())
+        return (e.new_zeros(n, *e.shape[1:]).index_copy(0, rows, e), t.new_zeros(n, *t.shape[1:]).index_copy(0, rows, t))
 
 
 def build_model(cfg: Config, vocab_size: int) -> MultimodalModel:

@@ -6,6 +6,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from mmpretrain.ops.attention import attention
 
@@ -124,15 +125,40 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
+    # activation checkpointing (model.<tower>.grad_checkpointing): each block's activations are
+    # recomputed in backward instead of kept (the RNG state is replayed, so dropout masks match)
+    grad_checkpointing: bool = False
+
     def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float, dropout: float = 0.0, cross: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, cross) for _ in range(depth))
 
     def forward(self, x: torch.Tensor, cache: Optional[DecodeCache] = None, **kw) -> torch.Tensor:
         """`cache`: incremental decoding (see DecodeCache); the caller advances its offset."""
+        recompute = self.grad_checkpointing and cache is None and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cache=cache.layers[i] if cache is not None else None, **kw)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, **kw)
+            else:
+                x = blk(x, cache=cache.layers[i] if cache is not None else None, **kw)
         return x
+
+
+def set_grad_checkpointing(module: nn.Module, on: bool) -> int:
+    """Activation checkpointing on / off for every native Encoder in `module` and every
+    transformers model in it (their own `gradient_checkpointing_enable`); returns how many."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Encoder):
+            m.grad_checkpointing = on
+            n += 1
+        elif hasattr(m, "gradient_checkpointing_enable") and getattr(m, "supports_gradient_checkpointing", False):
+            if on:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_disable()
+            n += 1
+    return n
 
 
 def init_weights(module: nn.Module) -> None:
