@@ -136,9 +136,10 @@ def caption_loss(cap: CaptionOutput, denominator: Optional[torch.Tensor] = None
     c = len(cap.modalities)
     with torch.no_grad():
         correct = ((logits.argmax(-1) == toks[:, 1:]) & tgt_ok).sum()
-        rows = nll.detach().view(c, -1, nll.shape[1])  # (C, B, L-1)
-        counts = tgt_ok.view(c, -1, tgt_ok.shape[1])
-        per_mod = torch.cat([rows.sum((1, 2)), counts.sum((1, 2)).float(), correct.float()[None]])
+        # per modality: each row's sums added to its owner's slot
+        sums = torch.zeros(c, device=nll.device).index_add_(0, cap.owner, nll.detach().float().sum(1))
+        counts = torch.zeros(c, device=nll.device).index_add_(0, cap.owner, tgt_ok.sum(1).float())
+        per_mod = torch.cat([sums, counts, correct.float()[None]])
         per_mod = D.all_reduce_sum(per_mod.float())
     count = per_mod[c: 2 * c].sum()
     denom = count if denominator is None else denominator.to(local_sum.device).float()

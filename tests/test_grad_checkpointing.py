@@ -64,5 +64,5 @@ def test_an_hf_text_tower_recomputes_with_the_same_loss_and_gradients(tmp_path):
     tok = tokenizer_for(cfg_off)
     off = _loss_and_grads(cfg_off, tok.vocab_size, tok)
     on = _loss_and_grads(tiny_cfg(*over, "model.text.grad_checkpointing=true"), tok.vocab_size, tok)
-    assert on[0].towers["text"].model.is_gradient_checkpointing
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in on[0].towers["text"].model.modules())
     _same(off, on)

@@ -21,7 +21,7 @@ from mmpretrain import modalities as M  # noqa: E402
 from mmpretrain.config import ConfigError  # noqa: E402
 from mmpretrain.engine import TrainModule  # noqa: E402
 from mmpretrain.models import build_model  # noqa: E402
-from mmpretrain.models.model import ModelOutput  # noqa: E402
+from mmpretrain.models.model import CaptionOutput, ModelOutput  # noqa: E402
 
 IMAGE_TEXT = ("model.audio.enabled=false",)  # a LAION-style run
 NO_AUDIO_PAIRS = ("loss.pairs={audio_text: 0, image_audio: 0}", "loss.caption_weight=0")
@@ -55,19 +55,29 @@ def test_a_pair_or_text_without_its_tower_is_refused(overrides, words):
 
 
 def _all_rows_forward(model, batch) -> ModelOutput:
-    """The forward before issue 15: every tower on every row (absent rows on zeros), masks after."""
+    """The forward before issue 15: every tower on every row (absent rows on zeros) and every
+    caption row of every captioned modality through the decoder, masks after."""
     emb, tok = {}, {}
     for name in model.towers:
         lengths = batch.text_len if name == M.TEXT else None
         emb[name], tok[name] = model.encode(name, batch.inputs[name], lengths, return_tokens=True)
+    mods = model.decoder.modalities
+    toks = torch.cat([batch.captions[m] for m in mods], 0)
+    lens = torch.cat([batch.caption_len[m] for m in mods], 0)
+    present = torch.cat([batch.masks[m].bool() for m in mods], 0)
+    _, states = model.caption_text(toks, lens)
+    ctx, ctx_mask = model.decoder.stacked_context({m: tok[m] for m in mods})
+    owner = torch.arange(len(mods)).repeat_interleave(len(batch))
+    caption = CaptionOutput(mods, model.decoder(states[:, :-1], ctx, ctx_mask), toks, lens, present & (lens > 1), owner)
     pairs = model.pair_names
     return ModelOutput(emb, tok, {p: model.scale(p) for p in pairs}, {p: model.logit_bias[p].squeeze(0) for p in pairs},
-                       model.caption_logits(batch, tok))
+                       caption)
 
 
 @pytest.mark.parametrize("drop", [("audio",), ("image", "text"), ("audio", "image")])
 def test_present_rows_only_equals_all_rows_with_masks_in_float64(drop):
-    """Same loss (1e-12) and same gradient of every parameter on a mixed batch, float64."""
+    """Same loss (1e-12) and same gradient of every parameter on a mixed batch, float64: towers and
+    the caption decoder on present rows only against every row with masks after."""
     torch.manual_seed(0)
     cfg = tiny_cfg("model.attention_backend=reference")
     model = build_model(cfg, 259).double()
@@ -78,12 +88,14 @@ def test_present_rows_only_equals_all_rows_with_masks_in_float64(drop):
     def loss_and_grads(forward):
         model.zero_grad()
         with _forward_as(model, forward):
-            loss, _ = module(batch)
+            loss, metrics = module(batch)
         loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, metrics
 
-    new_loss, new_grads = loss_and_grads(None)
-    old_loss, old_grads = loss_and_grads(_all_rows_forward)
+    new_loss, new_grads, new_m = loss_and_grads(None)
+    old_loss, old_grads, old_m = loss_and_grads(_all_rows_forward)
+    for k in ("loss/caption_image", "loss/caption_audio", "caption/tokens", "caption/token_acc", "loss/image_text"):
+        assert abs(float(new_m[k]) - float(old_m[k])) < 1e-9, (k, float(new_m[k]), float(old_m[k]))
     assert torch.isfinite(new_loss) and abs(float(new_loss - old_loss)) < 1e-12, (float(new_loss), float(old_loss))
     assert new_grads.keys() == old_grads.keys() and len(new_grads) == len(list(model.parameters()))
     for n in new_grads:

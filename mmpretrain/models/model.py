@@ -28,13 +28,16 @@ from mmpretrain.ops.attention import check_backend
 # own and, here, the logit scales / biases and the decoder's modality embeddings read outside
 # their modules' forward) before its backward; tensors inside a dataclass stay hidden from it.
 class CaptionOutput(NamedTuple):
-    """Caption rows of the C captioned modalities stacked: rows [k B, (k+1) B) caption modality k."""
+    """The R caption rows decoded this step: of the C captioned modalities x B samples, only those
+    whose modality is present with a caption besides BOS (one stand-in row, not valid, when none is:
+    every rank runs the decoder every step). `owner[r]` = index in `modalities` of row r's modality."""
 
     modalities: List[str]
-    logits: torch.Tensor  # (C B, L-1, V): prediction of token t+1 from tokens <= t
-    tokens: torch.Tensor  # (C B, L) BOS .. EOS, padded
-    lengths: torch.Tensor  # (C B,)
-    valid: torch.Tensor  # (C B,) bool: the modality is present and its caption has a token besides BOS
+    logits: torch.Tensor  # (R, L-1, V): prediction of token t+1 from tokens <= t
+    tokens: torch.Tensor  # (R, L) BOS .. EOS, padded
+    lengths: torch.Tensor  # (R,)
+    valid: torch.Tensor  # (R,) bool: the modality is present and its caption has a token besides BOS
+    owner: torch.Tensor  # (R,) long
 
 
 class ModelOutput(NamedTuple):
@@ -175,12 +178,18 @@ class MultimodalModel(nn.Module):
         toks = torch.cat([batch.captions[m] for m in mods], 0)  # (C B, L)
         lens = torch.cat([batch.caption_len[m] for m in mods], 0)
         present = torch.cat([batch.masks[m].bool() for m in mods], 0)
+        valid = present & (lens > 1)
+        owner = torch.arange(len(mods), device=toks.device).repeat_interleave(toks.shape[0] // len(mods))
+        rows = valid.nonzero().squeeze(1)  # only the rows the loss reads (absent modalities cost nothing)
+        if rows.numel() == 0:
+            rows = torch.zeros(1, dtype=torch.long, device=toks.device)  # a stand-in, not valid
+        toks, lens, valid, owner = toks[rows], lens[rows], valid[rows], owner[rows]
         text = self.caption_text
         with torch.no_grad() if is_frozen(text) else contextlib.nullcontext():
-            _, states = text(toks, lens)  # unimodal causal layers, (C B, L, W)
+            _, states = text(toks, lens)  # unimodal causal layers, (R, L, W)
         ctx, ctx_mask = self.decoder.stacked_context({m: tokens[m] for m in mods})
-        logits = self.decoder(states[:, :-1], ctx, ctx_mask)  # (C B, L-1, V)
-        return CaptionOutput(mods, logits, toks, lens, present & (lens > 1))
+        logits = self.decoder(states[:, :-1], ctx.index_select(0, rows), ctx_mask.index_select(0, rows))  # (R, L-1, V)
+        return CaptionOutput(mods, logits, toks, lens, valid, owner)
 
     def forward(self, batch: M.Batch, captions: bool = True) -> ModelOutput:
         """Each tower encodes only the rows where its modality is present; absent rows get zero
