@@ -72,6 +72,16 @@ def deepspeed_overrides_problem(overrides: Any) -> Optional[str]:
     return None
 
 
+def deepspeed_overrides(cfg: Config) -> Dict[str, Any]:
+    """`train.deepspeed` as plain dicts ({} when unset)."""
+    extra = getattr(cfg.train, "deepspeed", None)
+    if not extra:
+        return {}
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra) else dict(extra)
+
+
 def _merged(base: Dict[str, Any], over: Any) -> Dict[str, Any]:
     out = dict(base)
     for k, v in dict(over).items():
@@ -103,12 +113,9 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 100}
-    extra = getattr(t, "deepspeed", None)
+    extra = deepspeed_overrides(cfg)
     if extra:
-        from omegaconf import OmegaConf
-
-        plain = OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra) else dict(extra)
-        ds = _merged(ds, plain)  # validated by preflight (deepspeed_overrides_problem)
+        ds = _merged(ds, extra)  # validated by preflight (deepspeed_overrides_problem)
     return ds
 
 
@@ -133,7 +140,7 @@ def tower_lr_mults(cfg: Config) -> Dict[str, float]:
     """modality -> model.<section>.lr_mult, for towers whose multiplier is not 1."""
     out = {}
     for m in M.all_modalities():
-        t = getattr(cfg.model, m.config_section, None) if m.config_section else None
+        t = M.tower_section(cfg, m)
         mult = float(getattr(t, "lr_mult", 1.0)) if t is not None else 1.0
         if mult != 1.0:
             out[m.name] = mult

@@ -158,9 +158,14 @@ def _all_pair_weights(cfg: Any) -> Dict[str, float]:
     return {p: float(given.get(p, 1.0)) for p in pair_names()}
 
 
+def tower_section(cfg: Any, m: Modality) -> Any:
+    """`cfg.model.<m.config_section>`, or None (no section, or the config lacks it)."""
+    return getattr(cfg.model, m.config_section, None) if m.config_section else None
+
+
 def tower_enabled(cfg: Any, m: Modality) -> bool:
     """`model.<section>.enabled` (true when the section or the key is absent)."""
-    section = getattr(cfg.model, m.config_section, None) if m.config_section else None
+    section = tower_section(cfg, m)
     return bool(getattr(section, "enabled", True)) if section is not None else True
 
 

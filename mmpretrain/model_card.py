@@ -70,7 +70,7 @@ def _architecture(cfg: Any, vocab_size: int, model: Any = None) -> List[str]:
     towers = getattr(model, "towers", {}) if model is not None else {}
     lines = ["| tower | kind | width | depth | heads | details |", "|---|---|---|---|---|---|"]
     for mod in M.active(cfg):  # the towers this model has
-        sec = getattr(m, mod.config_section, None) if mod.config_section else None
+        sec = M.tower_section(cfg, mod)
         if sec is None:
             lines.append(f"| {mod.name} | plugin | | | | |")
             continue

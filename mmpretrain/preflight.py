@@ -112,7 +112,7 @@ def check_towers(cfg: Config) -> None:
     from mmpretrain import modalities as M  # lazy: the registry imports the schema
     from mmpretrain.config import TOWER_INITS, audio_frontend_path
 
-    sections = [(m, getattr(cfg.model, m.config_section, None)) for m in M.active(cfg) if m.config_section]
+    sections = [(m, M.tower_section(cfg, m)) for m in M.active(cfg) if m.config_section]
     sections = [(m, t) for m, t in sections if t is not None and hasattr(t, "init")]
     for m, t in sections:
         if t.init not in TOWER_INITS and not os.path.exists(t.init):
@@ -133,15 +133,11 @@ def check_towers(cfg: Config) -> None:
 def check_deepspeed(cfg: Config) -> None:
     """`train.deepspeed` (merged into the generated DeepSpeed config): only keys passed through,
     zero_optimization by DeepSpeed's own schema. DeepSpeed (and torch) load only when it is set."""
-    extra = cfg.train.deepspeed
-    if not extra:
+    if not cfg.train.deepspeed:
         return
-    from omegaconf import OmegaConf
+    from mmpretrain.engine import deepspeed_overrides, deepspeed_overrides_problem
 
-    from mmpretrain.engine import deepspeed_overrides_problem
-
-    problem = deepspeed_overrides_problem(OmegaConf.to_container(extra, resolve=True)
-                                          if OmegaConf.is_config(extra) else extra)
+    problem = deepspeed_overrides_problem(deepspeed_overrides(cfg))
     if problem:
         raise ConfigError(problem)
 

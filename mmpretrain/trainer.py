@@ -27,10 +27,10 @@ from mmpretrain.feature_cache import FeatureCache
 from mmpretrain.logging import MetricsLogger, setup_logging
 from mmpretrain.models import build_model, zero3
 from mmpretrain.models.compile import compile_towers
-from mmpretrain.throughput import FlopMeter, peak_memory_mib
 from mmpretrain.models.hf import save_tower_assets
 from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatcher
 from mmpretrain.safe_load import UnsafeCheckpointError
+from mmpretrain.throughput import FlopMeter, peak_memory_mib
 
 log = logging.getLogger("mmpretrain.train")
 
@@ -70,10 +70,9 @@ class Trainer:
             local, full = zero3.local_and_full_numel(model)
             log.info("model built under deepspeed.zero.Init: this rank holds %d of %d parameters", local, full)
         self.checkpointer.prepare_model(model)  # a weights-only resume loads here, before ZeRO partitions
-        device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        compile_towers(model, cfg.train.compile, device)
         self.engine, self.optimizer, self.scheduler = build_engine(
             cfg, model, info.world_size, load_universal=self.checkpointer.load_universal)
+        compile_towers(model, cfg.train.compile, self.engine.device)  # in place, on the device the engine chose
         self.dtype = dtype_of(cfg.train.precision)
         seed_everything(cfg.run.seed + 1000 * info.rank)  # per-rank streams (dropout, augment)
         # built before the checkpoint restores the RNG, as in an uninterrupted run
@@ -87,6 +86,7 @@ class Trainer:
         self._closed = False
         self.metrics = MetricsLogger(cfg, info.rank, cfg.train.steps, start_step=self.step)
         self.flops = FlopMeter(cfg.train.peak_tflops)
+        self._truncation_warned: set = set()  # sources already warned about (_warn_truncation)
         if watcher is None:  # run() installs it first thing (a signal during start-up is kept)
             watcher = preemption.install_early()
         watcher.set_margin(cfg.train.preempt_margin_minutes * 60)
@@ -192,12 +192,11 @@ class Trainer:
     def _warn_truncation(self, stats: Dict[str, Any]) -> None:
         """Captions longer than data.text_max_len are cut at the end; when many are, captions that
         share their opening words all look alike and the contrastive loss can sit at ln(batch)."""
-        warned = self.__dict__.setdefault("_truncation_warned", set())
         for name, cut in stats.get("truncated", {}).items():
             seen = stats.get("per_source", {}).get(name, 0)
-            if name in warned or seen < 64 or cut <= self.TRUNCATION_WARN_SHARE * seen:
+            if name in self._truncation_warned or seen < 64 or cut <= self.TRUNCATION_WARN_SHARE * seen:
                 continue
-            warned.add(name)
+            self._truncation_warned.add(name)
             hint = (" (data.tokenizer is 'bytes': one token per byte; a BPE tokenizer, tools/train_tokenizer.py, "
                     "fits far more text in the same context)" if self.cfg.data.tokenizer == "bytes" else "")
             log.warning("source '%s': %d of %d captions (%.0f%%) are longer than data.text_max_len=%d tokens and were "

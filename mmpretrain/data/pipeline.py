@@ -51,7 +51,7 @@ class Plan:
     resampled: bool
     window: int
     # the modalities the run has towers for (modalities.active): others are neither decoded nor batched
-    active: Tuple[str, ...] = ()
+    active: Optional[Tuple[str, ...]] = None
 
 
 def _plan_sources(sources: List[SourceConfig], resampled: bool) -> List[SourcePlan]:
@@ -87,7 +87,7 @@ class SlotWorker:
         self.plan, self.worker = plan, worker
         self.slot = plan.rank * plan.workers + worker
         n_slots = plan.world_size * plan.workers
-        self.proc = SampleProcessor(plan.data, plan.tokenizer, plan.train, plan.active or None)
+        self.proc = SampleProcessor(plan.data, plan.tokenizer, plan.train, plan.active)
         self.streams: List[WindowedStream] = []
         for sp in plan.sources:
             i = sp.spec.index
@@ -153,11 +153,11 @@ class SlotWorker:
             except StopIteration:
                 if examples:
                     self.batch_idx += 1
-                    yield collate(examples, p.data, p.tokenizer.pad_id, p.active or None), self.state()
+                    yield collate(examples, p.data, p.tokenizer.pad_id, p.active), self.state()
                 yield None, self.state()
                 return
             self.batch_idx += 1
-            yield collate(examples, p.data, p.tokenizer.pad_id, p.active or None), self.state()
+            yield collate(examples, p.data, p.tokenizer.pad_id, p.active), self.state()
 
 
 def _copy_stats(s: Dict[str, Any]) -> Dict[str, Any]:

@@ -88,7 +88,7 @@ class MultimodalModel(nn.Module):
         from mmpretrain.models.hf import load_tower_init
 
         for mod in M.active(cfg):
-            t = getattr(cfg.model, mod.config_section, None) if mod.config_section else None
+            t = M.tower_section(cfg, mod)
             if t is None:
                 continue
             init = getattr(t, "init", "auto")
@@ -98,7 +98,7 @@ class MultimodalModel(nn.Module):
 
     def _set_checkpointing(self, cfg: Config) -> None:
         for mod in M.active(cfg):
-            t = getattr(cfg.model, mod.config_section, None) if mod.config_section else None
+            t = M.tower_section(cfg, mod)
             if t is not None and getattr(t, "grad_checkpointing", False):
                 set_grad_checkpointing(self.towers[mod.name], True)
         if getattr(cfg.model.text, "grad_checkpointing", False):

@@ -38,7 +38,7 @@ def test_a_source_with_many_cut_captions_is_warned_about_once(caplog):
     from mmpretrain.trainer import Trainer
 
     fake = types.SimpleNamespace(cfg=types.SimpleNamespace(data=types.SimpleNamespace(tokenizer="bytes", text_max_len=32)),
-                                 TRUNCATION_WARN_SHARE=Trainer.TRUNCATION_WARN_SHARE)
+                                 TRUNCATION_WARN_SHARE=Trainer.TRUNCATION_WARN_SHARE, _truncation_warned=set())
     stats = {"per_source": {"laion": 100, "clean": 100}, "truncated": {"laion": 63, "clean": 5}}
     with caplog.at_level(logging.WARNING, logger="mmpretrain.train"):
         Trainer._warn_truncation(fake, stats)
