@@ -58,7 +58,7 @@ def child(impl: str, n: int, dim: int, tile: int) -> dict:
     q, k, scale, targets, col_valid = _inputs(n, dim, torch.float32)
 
     def step():
-        loss = contrastive_rows(q, k, scale, targets, col_valid, impl=impl, tile_size=tile).sum()
+        loss = contrastive_rows(q, k, scale, targets, col_valid, impl=impl, tile_size=tile or None).sum()
         loss.backward()
         q.grad = k.grad = scale.grad = None
 
@@ -96,7 +96,7 @@ def check_grads(n: int, dim: int, tile: int) -> dict:
     def rel(a, b):
         return max(((x.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(a, b))
 
-    tiled = lambda *a: contrastive_rows_tiled(*a, tile_size=tile)  # noqa: E731
+    tiled = lambda *a: contrastive_rows_tiled(*a, tile_size=tile or None)  # noqa: E731
     out = {"fp64_rel_err": rel(grads(tiled, torch.float64), grads(contrastive_rows_naive, torch.float64, rows=2048))}
     out["fp32_rel_err"] = rel(grads(tiled, torch.float32), grads(contrastive_rows_naive, torch.float32))
     return out
@@ -114,7 +114,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--tile", type=int, default=None, help="tiled loss column tile (default: library's)")
+    ap.add_argument("--tile", type=int, default=None, help="tiled loss column tile (default: the library's, "
+                                                           "ops.contrastive.tile_columns)")
     ap.add_argument("--check", type=int, default=16384, help="size for the gradient check (0 = skip)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -125,10 +126,8 @@ def main() -> None:
             print(json.dumps(child(a.child[0], int(a.child[1]), int(a.child[2]), int(a.child[3]))))
         return
 
-    from mmpretrain.ops.contrastive import DEFAULT_TILE
-
-    tile = a.tile or DEFAULT_TILE
-    print(f"contrastive loss fwd+bwd, CPU fp32, D={a.dim}, n=N, tile={tile}, "
+    tile = a.tile or 0  # 0: the library's choice (ops.contrastive.tile_columns)
+    print(f"contrastive loss fwd+bwd, CPU fp32, D={a.dim}, n=N, tile={tile or 'auto'}, "
           f"threads={os.environ.get('OMP_NUM_THREADS', '1')}")
     print(f"{'N':>6} | {'naive MB':>9} {'naive s':>8} | {'tiled MB':>9} {'tiled s':>8} | {'mem ratio':>9}")
     for n in a.sizes:

@@ -75,7 +75,9 @@ class DataConfig:
     min_samples_for_error_rate: int = 100
     train_augment: bool = True
     crop_min_scale: float = 0.9  # random resized crop: smallest area share kept
-    hflip: bool = True
+    # off by default, as in OpenCLIP: a mirror image contradicts captions that say left / right and
+    # mirrors digits and written text; turn it on for data where orientation carries no meaning
+    hflip: bool = False
     max_image_pixels: int = 50_000_000  # larger images (decompression bombs) are skipped unread
     # image normalisation per RGB channel; None = CLIP's statistics, or the image processor's
     # (preprocessor_config.json) for model.vision.kind=hf, filled in before training starts

@@ -130,7 +130,9 @@ def caption_loss(cap: CaptionOutput, denominator: Optional[torch.Tensor] = None
     pos = torch.arange(toks.shape[1] - 1, device=toks.device)
     tgt_ok = valid[:, None] & (pos[None, :] < (lens - 1)[:, None])  # (C B, L-1)
     targets = torch.where(tgt_ok, toks[:, 1:], torch.full_like(toks[:, 1:], -100))
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    # half logits are scored in fp32; float64 ones (reference tests) keep their precision
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    nll = F.cross_entropy(logits.to(acc).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
     nll = nll.view(targets.shape)
     local_sum = nll.sum()
     c = len(cap.modalities)
@@ -142,7 +144,7 @@ def caption_loss(cap: CaptionOutput, denominator: Optional[torch.Tensor] = None
         per_mod = torch.cat([sums, counts, correct.float()[None]])
         per_mod = D.all_reduce_sum(per_mod.float())
     count = per_mod[c: 2 * c].sum()
-    denom = count if denominator is None else denominator.to(local_sum.device).float()
+    denom = (count if denominator is None else denominator.to(local_sum.device).float()).to(acc)
     loss = local_sum * D.world_size() / denom.clamp(min=1)
     metrics = {"loss/caption": per_mod[:c].sum() / count.clamp(min=1)}
     for k, m in enumerate(cap.modalities):

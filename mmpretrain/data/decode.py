@@ -45,7 +45,7 @@ def _crop_box(w: int, h: int, rng: Optional[np.random.Generator], min_scale: flo
 
 
 def decode_image(data: bytes, size: int, rng: Optional[np.random.Generator] = None, max_pixels: int = 50_000_000,
-                 min_scale: float = 0.9, hflip: bool = True, mean: Optional[Sequence[float]] = None,
+                 min_scale: float = 0.9, hflip: bool = False, mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None) -> np.ndarray:
     """Bytes -> float32 (3, size, size) normalized by `mean` / `std` (None: CLIP's statistics). With `rng`: random resized crop and
     flip (training); without: resize shorter side + centre crop (eval)."""

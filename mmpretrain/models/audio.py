@@ -41,7 +41,9 @@ class LogMel(nn.Module):
         self.register_buffer("fb", mel_filterbank(n_fft, n_mels, sample_rate), persistent=False)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=wav.device.type, enabled=False):
+        # "meta" (shapes only: the capacity planner) has no autocast state to switch off
+        dev = "cpu" if wav.device.type == "meta" else wav.device.type
+        with torch.autocast(device_type=dev, enabled=False):
             spec = torch.stft(
                 wav.float(), self.n_fft, self.hop, window=self.window.float(), center=True, return_complex=True
             )  # (B, F, T)
@@ -62,8 +64,9 @@ class AudioTransformer(nn.Module):
         self.frames = frames - frames % cfg.patch_size  # crop to whole patches
         self.patch = nn.Conv2d(1, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         n = (cfg.n_mels // cfg.patch_size) * (self.frames // cfg.patch_size)
-        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos = nn.Parameter(torch.randn(1, n + 1, cfg.width) * 0.02)
+        scale = cfg.width ** -0.5  # CLIP's class and position embeddings
+        self.cls = nn.Parameter(torch.randn(1, 1, cfg.width) * scale)
+        self.pos = nn.Parameter(torch.randn(1, n + 1, cfg.width) * scale)
         self.ln_pre = nn.LayerNorm(cfg.width)
         self.encoder = Encoder(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout)
         self.ln_post = nn.LayerNorm(cfg.width)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from mmpretrain.config import Config
 from mmpretrain.models.transformer import DecodeCache, Encoder, init_weights
-from mmpretrain.models.zero3 import gathered
+from mmpretrain.models.zero3 import full_shape, gathered
 from mmpretrain.ops.attention import attention
 
 
@@ -34,6 +34,15 @@ class AttentionalPooler(nn.Module):
         else:
             self.proj = nn.Linear(ctx_width, width)
         self.ln_out = nn.LayerNorm(width)
+
+    def init_attention(self) -> None:
+        """CLIP's attention scales (models.transformer.init_weights) for the pooler's maps, so its
+        queries start out attending to some tokens more than others, not to all alike."""
+        if self.n_queries == 0:
+            return
+        for lin in (self.q, self.kv, self.out):
+            with gathered([lin.weight]):
+                nn.init.normal_(lin.weight, std=full_shape(lin.weight)[1] ** -0.5)
 
     def forward(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.ln_k(tokens)
@@ -75,6 +84,8 @@ class MultimodalDecoder(nn.Module):
         with gathered(list(self.modality_embed.parameters())):  # a built submodule: partitioned under zero.Init
             for k in self.modalities:
                 nn.init.normal_(self.modality_embed[k], std=0.02)
+        for pooler in self.poolers.values():
+            pooler.init_attention()
 
     def context(
         self,

@@ -162,8 +162,12 @@ def set_grad_checkpointing(module: nn.Module, on: bool) -> int:
 
 
 def init_weights(module: nn.Module) -> None:
-    """Small normal init for linears/embeddings (ViT/CLIP practice); LayerNorm = identity. Under
-    zero.Init one module's parameters are gathered at a time (models.zero3)."""
+    """CLIP's initialisation (the OpenAI / OpenCLIP text tower's, used by OpenCLIP users for every
+    tower): inside each Encoder block the query / key / value maps ~ N(0, width^-1/2) so attention
+    logits start at unit scale (0.02 leaves attention near-uniform and small CLIPs learn slowly),
+    the MLP's first map ~ N(0, (2 width)^-1/2), the two maps back into the residual stream ~
+    N(0, width^-1/2 (2 depth)^-1/2); other linears trunc-normal 0.02, embeddings N(0, 0.02),
+    LayerNorm = identity. Under zero.Init one module's parameters are gathered at a time (models.zero3)."""
     from mmpretrain.models.zero3 import gathered
 
     for m in module.modules():
@@ -179,3 +183,30 @@ def init_weights(module: nn.Module) -> None:
             else:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+    for enc in (m for m in module.modules() if isinstance(m, Encoder)):
+        for blk in enc.blocks:
+            _init_block(blk, len(enc.blocks))
+
+
+def _init_block(blk: "Block", depth: int) -> None:
+    from mmpretrain.models.zero3 import full_shape, gathered
+
+    width = full_shape(blk.ln1.weight)[0]
+    attn_std, fc_std, proj_std = width ** -0.5, (2 * width) ** -0.5, width ** -0.5 * (2 * depth) ** -0.5
+    maps = [(blk.mlp[0], fc_std), (blk.mlp[2], proj_std)]
+    for a in (blk.attn, blk.cross):
+        if a is None:
+            continue
+        maps += [(lin, attn_std) for lin in (getattr(a, n, None) for n in ("qkv", "q", "kv")) if lin is not None]
+        maps.append((a.out, proj_std))
+    for lin, std in maps:
+        with gathered([lin.weight]):
+            nn.init.normal_(lin.weight, std=std)
+
+
+def init_projection(proj: nn.Linear) -> None:
+    """A tower's map into the shared space ~ N(0, in_features^-1/2) (CLIP's visual / text projection)."""
+    from mmpretrain.models.zero3 import full_shape, gathered
+
+    with gathered([proj.weight]):
+        nn.init.normal_(proj.weight, std=full_shape(proj.weight)[1] ** -0.5)

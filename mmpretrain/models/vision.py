@@ -33,8 +33,9 @@ class VisionTransformer(nn.Module):
         else:
             self.patch = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         n = (image_size // cfg.patch_size) ** 2
-        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos = nn.Parameter(torch.randn(1, n + 1, cfg.width) * 0.02)
+        scale = cfg.width ** -0.5  # CLIP's class and position embeddings
+        self.cls = nn.Parameter(torch.randn(1, 1, cfg.width) * scale)
+        self.pos = nn.Parameter(torch.randn(1, n + 1, cfg.width) * scale)
         self.ln_pre = nn.LayerNorm(cfg.width)
         self.encoder = Encoder(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout)
         self.ln_post = nn.LayerNorm(cfg.width)

@@ -15,7 +15,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-DEFAULT_TILE = 2048  # columns per tile: a (n, tile) block is the largest temporary
+DEFAULT_TILE = 2048  # most columns per tile
+# the largest temporary, an (n, tile) block, holds at most this many elements (16 MiB in fp32): with
+# many local rows the tile narrows, so the loss's extra memory stays flat as the batch grows
+TILE_ELEMENTS = 2048 * 2048
+MIN_TILE = 128  # narrower tiles make the matmuls inefficient
+
+
+def tile_columns(rows: int, cols: int, tile_size: Optional[int] = None) -> int:
+    """Columns per tile for `rows` local queries against `cols` keys: `tile_size` when given, else
+    DEFAULT_TILE narrowed so that rows x tile <= TILE_ELEMENTS (never below MIN_TILE)."""
+    if tile_size:
+        return int(tile_size)
+    return max(1, min(cols, max(MIN_TILE, min(DEFAULT_TILE, TILE_ELEMENTS // max(1, rows)))))
 
 
 def contrastive_rows_naive(
@@ -99,12 +111,13 @@ def contrastive_rows_tiled(
     logit_scale: torch.Tensor,
     targets: torch.Tensor,
     col_valid: torch.Tensor,
-    tile_size: int = DEFAULT_TILE,
+    tile_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Same result and gradients (q, k, logit_scale) as `contrastive_rows_naive`, memory
-    O(n * tile_size) instead of O(n * N). Pure torch; runs on any device."""
+    """Same result and gradients (q, k, logit_scale) as `contrastive_rows_naive`, extra memory
+    O(n * tile) instead of O(n * N) (tile: `tile_columns`). Pure torch; runs on any device."""
     scale = torch.as_tensor(logit_scale, device=q.device)
-    return _TiledContrastive.apply(q, k, scale, targets, col_valid.bool(), int(tile_size))
+    tile = tile_columns(q.shape[0], k.shape[0], tile_size)
+    return _TiledContrastive.apply(q, k, scale, targets, col_valid.bool(), tile)
 
 
 def _triton_ok(q: torch.Tensor) -> bool:
@@ -128,7 +141,7 @@ def contrastive_rows(
     if impl == "tiled":
         impl = "triton" if _triton_ok(q) else "torch_tiled"
     if impl == "torch_tiled":
-        return contrastive_rows_tiled(q, k, logit_scale, targets, col_valid, tile_size or DEFAULT_TILE)
+        return contrastive_rows_tiled(q, k, logit_scale, targets, col_valid, tile_size)
     if impl == "triton":
         from mmpretrain.ops.triton.contrastive import contrastive_rows_triton  # optional ([gpu] extra)
 

@@ -53,6 +53,23 @@ def test_torch_tiled_float64_exact(shape, invalid, tile):
     _compare(lambda *a: contrastive_rows_tiled(*a, tile_size=tile), case, 1e-10)  # issue asks 1e-6
 
 
+def test_tile_narrows_with_many_rows_and_stays_exact(monkeypatch):
+    """The default tile keeps rows x columns under TILE_ELEMENTS (flat extra memory as the batch
+    grows; bench/loss_memory.py); the narrowed tiling is still exact."""
+    import mmpretrain.ops.contrastive as C
+
+    assert C.tile_columns(1024, 8192) == 2048 and C.tile_columns(4096, 8192) == 2048 * 2048 // 4096
+    assert C.tile_columns(16384, 16384) == 256 and C.tile_columns(10 ** 6, 10 ** 6) == C.MIN_TILE
+    assert C.tile_columns(16384, 16384, tile_size=64) == 64 and C.tile_columns(4, 100) == 100
+    monkeypatch.setattr(C, "TILE_ELEMENTS", 300)
+    monkeypatch.setattr(C, "MIN_TILE", 3)
+    calls = []
+    real = C._TiledContrastive.apply
+    monkeypatch.setattr(C._TiledContrastive, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    _compare(C.contrastive_rows_tiled, _case(64, 300, 24, torch.float64), 1e-10)
+    assert calls == [300 // 64]
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_torch_tiled_float32(shape):
     _compare(lambda *a: contrastive_rows_tiled(*a, tile_size=16), _case(*shape, torch.float32), 2e-5)
