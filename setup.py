@@ -24,6 +24,7 @@ setup(
         "pillow>=10",
         "numpy>=1.24",
         "scipy>=1.10",
+        "soxr>=0.3",  # audio resampling (data.decode.resample; scipy is the fallback)
         "tqdm>=4.60",
     ],
     extras_require={
@@ -38,6 +39,7 @@ setup(
             "mmpretrain-submit=mmpretrain.submit:main",
             "mmpretrain-evaluate=mmpretrain.evaluate:main",
             "mmpretrain-export=mmpretrain.export:main",
+            "mmpretrain-plan=mmpretrain.plan:main",
         ]
     },
 )

@@ -11,7 +11,7 @@ import torch.nn as nn
 from mmpretrain import modalities as M
 from mmpretrain.config import Config
 from mmpretrain.losses import ContrastiveLoss, caption_loss
-from mmpretrain.models.zero3 import full_ndim  # a parameter built under zero.Init has an empty .data
+from mmpretrain.models.zero3 import full_ndim, full_shape  # a parameter built under zero.Init has an empty .data
 
 # Weight decay by tensor rank (nanoGPT's rule): parameters with ndim >= 2 (linear and conv
 # weights) decay, parameters with ndim < 2 (biases, LayerNorm weights, temperatures, logit
@@ -90,7 +90,16 @@ def _merged(base: Dict[str, Any], over: Any) -> Dict[str, Any]:
     return out
 
 
-def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> Dict[str, Any]:
+# DeepSpeed's default reduce bucket (elements). ZeRO 1-3 allocate it whole on every rank (ZeRO-1/2
+# for each backward, ZeRO-3 up front: 2 GB in fp32), however small the model: a model with fewer
+# trainable parameters gets a bucket of its own size instead (bench/plan_check.py found it)
+DEFAULT_REDUCE_BUCKET = 500_000_000
+
+
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False,
+                     trainable: Optional[int] = None) -> Dict[str, Any]:
+    """The DeepSpeed config of the run; `trainable` (the model's trainable parameter count, when
+    known) sizes ZeRO's reduce bucket. `train.deepspeed` is merged last: its settings win."""
     t = cfg.train
     ds: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -109,6 +118,8 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     }
     if t.zero_stage == 3:
         ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+    if t.zero_stage >= 1 and trainable:
+        ds["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_elements(trainable)
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
@@ -117,6 +128,11 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     if extra:
         ds = _merged(ds, extra)  # validated by preflight (deepspeed_overrides_problem)
     return ds
+
+
+def reduce_bucket_elements(trainable: int) -> int:
+    """ZeRO's reduce bucket: DeepSpeed's default, or the trainable parameter count when smaller."""
+    return int(min(DEFAULT_REDUCE_BUCKET, max(1_000_000, trainable)))
 
 
 def is_no_decay_embedding(name: str) -> bool:
@@ -293,7 +309,9 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal:
         eps=cfg.optim.eps,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    trainable = sum(math.prod(full_shape(p)) for p in module.parameters() if p.requires_grad)
     engine, opt, _, sched = deepspeed.initialize(
-        model=module, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world_size, load_universal)
+        model=module, optimizer=opt, lr_scheduler=sched,
+        config=deepspeed_config(cfg, world_size, load_universal, trainable=trainable),
     )
     return engine, opt, sched
