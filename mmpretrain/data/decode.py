@@ -2,6 +2,7 @@
 Each function raises DecodeError(reason) for input it cannot use."""
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -73,15 +74,24 @@ def decode_image(data: bytes, size: int, rng: Optional[np.random.Generator] = No
         img = img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
         if rng is not None and hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = np.asarray(img, dtype=np.float32) / 255.0
+        u8 = np.asarray(img, dtype=np.uint8)  # (size, size, 3)
     except DecodeError:
         raise
     except Exception as e:
         raise DecodeError("image_decode", f"{type(e).__name__}: {e}") from None
-    m = CLIP_MEAN if mean is None else np.asarray(mean, dtype=np.float32)
-    sd = CLIP_STD if std is None else np.asarray(std, dtype=np.float32)
-    arr = (arr - m) / sd
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    lut = _normalise_table(tuple(CLIP_MEAN if mean is None else mean), tuple(CLIP_STD if std is None else std))
+    out = np.empty((3, size, size), dtype=np.float32)
+    for c in range(3):  # one table lookup per pixel, written channel-first: no float HWC temporaries
+        np.take(lut[c], u8[:, :, c], out=out[c])
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _normalise_table(mean: Tuple[float, ...], std: Tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: the normalised value of each 8-bit level per channel, (v / 255 - mean) / std
+    computed in float32 as the per-pixel formula was."""
+    v = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
+    return ((v - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]).astype(np.float32)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -101,9 +111,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """Polyphase resampling (scipy) along the last axis; linear interpolation fallback."""
+    """Band-limited resampling along the last axis: libsoxr (python-soxr, librosa's default; at
+    44.1 -> 16 kHz ~10x faster than scipy's polyphase filter, which was a third of a tri-modal
+    sample's decode time), scipy's resample_poly where soxr is not installed."""
     if src_rate == dst_rate:
         return x
+    try:
+        import soxr
+    except ImportError:
+        soxr = None
+    if soxr is not None:
+        y = soxr.resample(np.ascontiguousarray(np.moveaxis(x, -1, 0), dtype=np.float32), src_rate, dst_rate,
+                          quality="HQ")
+        return np.ascontiguousarray(np.moveaxis(y, 0, -1), dtype=np.float32)
     try:
         # lazy (~1 s of CPU): imported only by a process that resamples, once; clips already at
         # data.audio.sample_rate never load it (the loader used to import it up front in every rank)
@@ -152,7 +172,9 @@ def decode_audio(data: bytes, sample_rate: int, clip_seconds: float,
         raise DecodeError("audio_decode", f"{type(e).__name__}: {e}") from None
     if x.shape[0] == 0:
         raise DecodeError("audio_decode", "no audio frames")
-    x = np.nan_to_num(x.mean(axis=1), nan=0.0, posinf=0.0, neginf=0.0)
+    x = x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)  # mono: a view, no averaging pass
+    if not np.isfinite(x).all():  # one pass in the usual case; nan_to_num makes four
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     x = resample(x, src_rate, sample_rate)
     if x.shape[-1] == 0:
         raise DecodeError("audio_decode", "clip too short to resample")

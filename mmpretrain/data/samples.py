@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 # the registry imports data.decode; samples reads it at call time only (M.Batch, M.get)
 from mmpretrain import modalities as M
@@ -183,6 +184,17 @@ def _label(meta: Dict[str, Any], files: Dict[str, bytes]) -> int:
     return -1 if v is None else int(v)
 
 
+def _batch_buffer(shape: Tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 batch tensor (every row is written). In a DataLoader worker it is
+    made in shared memory, as torch's default_collate does: sending it to the trainer then passes a
+    handle instead of copying the batch into shared memory first."""
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    n = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(n * 4)
+    return torch.tensor([], dtype=torch.float32).set_(storage, 0, shape)
+
+
 def _token_matrix(seqs: List[Optional[List[int]]], L: int, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     lens = torch.zeros(len(seqs), dtype=torch.long)
@@ -205,12 +217,14 @@ def collate(examples: List[Example], data_cfg: DataConfig, pad_id: int,
         if active is not None and m.name not in active:
             masks[m.name] = torch.zeros(b, dtype=torch.bool)
             continue
-        x = torch.zeros(b, *m.sample_shape(data_cfg))
+        x = _batch_buffer((b, *m.sample_shape(data_cfg)))
         mask = torch.zeros(b, dtype=torch.bool)
         for i, ex in enumerate(examples):
             if m.name in ex.media:
                 x[i] = torch.from_numpy(ex.media[m.name])
                 mask[i] = True
+            else:
+                x[i] = 0
         inputs[m.name], masks[m.name] = x, mask
     inputs[M.TEXT], text_len = _token_matrix([ex.text for ex in examples], L, pad_id)
     masks[M.TEXT] = text_len > 0

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shardkit import image_bytes, make_cfg, tone_bytes, write_tar  # noqa: E402
 
 from mmpretrain.data import build_eval_loader, build_tokenizer  # noqa: E402
-from mmpretrain.data.decode import CLIP_MEAN, CLIP_STD, decode_audio, decode_image  # noqa: E402
+from mmpretrain.data.decode import CLIP_MEAN, CLIP_STD, decode_audio, decode_image, resample  # noqa: E402
 
 
 def _peak_hz(x: np.ndarray, rate: int) -> float:
@@ -61,3 +61,25 @@ def test_train_transforms_shapes_and_determinism():
                                atol=1e-3)
     x = decode_audio(tone_bytes(300, rate=16000, seconds=2.0), 16000, 0.5, np.random.default_rng(0))
     assert x.shape == (8000,) and abs(_peak_hz(x, 16000) - 300) < 4
+
+
+def test_soxr_and_scipy_resample_alike(monkeypatch):
+    """44.1 -> 16 kHz: libsoxr (used when installed) and scipy's polyphase fallback give the same
+    tone, length and level (away from the edges, where their filters start up differently)."""
+    import builtins
+
+    import pytest
+
+    t = np.arange(44100) / 44100
+    x = (0.5 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 3000 * t)).astype(np.float32)
+    fast = resample(x, 44100, 16000)
+    stereo = resample(np.stack([x, -x]), 44100, 16000)  # (channels, time): along the last axis
+    assert stereo.shape == (2, len(fast)) and np.allclose(stereo[0], fast, atol=1e-6) and np.allclose(stereo[0], -stereo[1])
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "soxr" else real_import(name, *a, **k))
+    slow = resample(x, 44100, 16000)
+    assert fast.dtype == slow.dtype == np.float32 and abs(len(fast) - len(slow)) <= 1 and len(slow) == 16000
+    mid = slice(1000, 15000)
+    assert np.abs(fast[mid] - slow[mid]).max() < 1e-2
+    assert _peak_hz(fast, 16000) == pytest.approx(440, abs=2) and _peak_hz(slow, 16000) == pytest.approx(440, abs=2)
