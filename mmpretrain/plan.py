@@ -371,7 +371,7 @@ def format_plan(p: Dict[str, Any]) -> str:
                    f"{_gib(r['activations'])}{_gib(r['activations_ckpt'])} {_gib(r['total'])}{_gib(r['total_ckpt'])} "
                    f"{_gib(r['host_per_rank'])}  {fits:<5}{comm / 1e9:9.2f}{r['comm_s'] * 1e3:9.1f}"
                    f"{r['step_s_overlap'] * 1e3:9.1f}")
-    out.append("  (fits: within 90 % of the device's memory, 'ckpt' with checkpointing; buffers: ZeRO-3's reduce bucket; "
+    out.append("  (fits: within 90 % of the device's memory, 'ckpt' with checkpointing; buffers: ZeRO's reduce bucket; "
                "step ms: compute at peak overlapped with communication)")
     return "\n".join(out)
 

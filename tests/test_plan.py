@@ -100,3 +100,12 @@ def test_planned_state_memory_matches_real_two_process_runs():
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, start_new_session=True)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     assert "largest planner error" in res.stdout
+
+
+def test_planned_attention_is_costed_as_a_fused_kernel():
+    """On `meta` SDPA is costed as the fused kernel a GPU runs: no T x T attention weights kept for
+    backward, so fewer saved bytes than the plain-matmul path ('reference'), which keeps them."""
+    over = ("model.vision.width=64", "model.text.width=64", "model.vision.patch_size=4")
+    fused = plan.measure_model(tiny_cfg(*over), 259, 8, 8)
+    plain = plan.measure_model(tiny_cfg(*over, "model.attention_backend=reference"), 259, 8, 8)
+    assert fused.activation_bytes < plain.activation_bytes

@@ -132,12 +132,26 @@ def attention(
 
 
 def _sdpa(q, k, v, causal, kpm, dropout_p) -> torch.Tensor:
+    if q.device.type == "meta":  # the capacity planner: cost it as the fused kernel a GPU runs
+        return _fused_on_meta(q, k, v, causal, kpm, dropout_p)
     if kpm is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
     mask = attention_mask(q.shape[-2], k.shape[-2], causal, kpm, q.device)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     # some SDPA kernels give NaN for a row with no kept key; make it 0 everywhere (no sync)
     return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _fused_on_meta(q, k, v, causal, kpm, dropout_p) -> torch.Tensor:
+    """Shapes only: PyTorch's memory-efficient SDPA op, whose forward keeps q, k, v, the output and
+    the row log-sum-exp for backward (no T x T weights, as on a GPU), and whose FLOPs the flop
+    counter knows; SDPA's own choice on `meta` would be the math path, which keeps the weights."""
+    bias = None
+    if kpm is not None:
+        mask = attention_mask(q.shape[-2], k.shape[-2], causal, kpm, q.device)
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        causal = False  # in the bias
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, dropout_p, causal)[0]
 
 
 def _flash(q, k, v, causal, kpm, dropout_p) -> torch.Tensor:
