@@ -22,8 +22,12 @@ def _mel_to_hz(m: torch.Tensor) -> torch.Tensor:
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None) -> torch.Tensor:
     """HTK triangular filters, (n_fft//2+1, n_mels); torchaudio is not a dependency."""
     f_max = f_max or sample_rate / 2
-    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
-    m_pts = torch.linspace(_hz_to_mel(torch.tensor(f_min)), _hz_to_mel(torch.tensor(f_max)), n_mels + 2, dtype=torch.float64)
+    # computed on the CPU whatever device context is active (the planner builds on `meta`, where
+    # some factory functions, once another library has wrapped them, land on the CPU anyway)
+    cpu = torch.device("cpu")
+    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64, device=cpu)
+    m_pts = torch.linspace(_hz_to_mel(torch.tensor(f_min, device=cpu)), _hz_to_mel(torch.tensor(f_max, device=cpu)),
+                           n_mels + 2, dtype=torch.float64, device=cpu)
     f_pts = _mel_to_hz(m_pts)
     down = (freqs[:, None] - f_pts[None, :-2]) / (f_pts[1:-1] - f_pts[:-2])[None, :]
     up = (f_pts[None, 2:] - freqs[:, None]) / (f_pts[2:] - f_pts[1:-1])[None, :]
@@ -38,7 +42,8 @@ class LogMel(nn.Module):
         self.n_fft, self.hop = n_fft, hop_length
         # buffers, not parameters: ZeRO must not partition or optimize them
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
-        self.register_buffer("fb", mel_filterbank(n_fft, n_mels, sample_rate), persistent=False)
+        fb = mel_filterbank(n_fft, n_mels, sample_rate)  # on the CPU: placed where this module's tensors go
+        self.register_buffer("fb", fb.to(self.window.device), persistent=False)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         # "meta" (shapes only: the capacity planner) has no autocast state to switch off
