@@ -402,6 +402,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key '{bad_float}' = {_get_dotted(cfg, bad_float)!r} is not a finite number{allowed}")
     for key, allowed in _CHOICES.items():
         value = _get(cfg, key)
+        if value not in allowed and "off" in allowed and str(value).lower() == "false":
+            # YAML 1.1 reads a bare `off` (train.compile=off) as false, stored as 'False' in a str field
+            section, _, attr = key.rpartition(".")
+            setattr(_get(cfg, section) if section else cfg, attr, "off")
+            continue
         if value not in allowed:
             raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of {list(allowed)}")
     for key, (lo, hi, lo_incl) in _RANGES.items():

@@ -77,3 +77,15 @@ def test_bad_config_stops_every_launcher_before_a_process_group(tmp_path):
     res = subprocess.run([sys.executable, "-m", "mmpretrain.train", "--config", DEMO, f"run.output_dir={out}",
                           "optim.lr=-1"], cwd=tk.REPO, env=tk.env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "optim.lr" in res.stderr
+
+
+def test_a_bare_off_is_the_choice_off_not_false(tmp_path):
+    """YAML 1.1 reads `off` as false: `train.compile=off` on the command line or `compile: off` in a
+    file must mean the choice 'off' (it was refused as 'False')."""
+    from mmpretrain.config import load_config
+
+    assert load_config(None, ["train.compile=off"]).train.compile == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text("train: {compile: off}\n")
+    assert load_config(str(f)).train.compile == "off"
+    assert load_config(None, ["train.compile=inductor"]).train.compile == "inductor"
