@@ -5,13 +5,15 @@ flat buffers, fp32 partitions, Adam moments), once per storage. Also P5 of issue
 the weights + optimizer state a rank holds vs (the whole model's) / world size.
 
 Usage: python bench/plan_check.py [--procs 2 4] [--variants zero1 zero2 zero3] [--config configs/tiny_test.yaml]
-       [--width 256] [key=value ...]   (prints a table; exits 1 when a figure is off by more than 15 %)
+       [--width 256] [key=value ...]   (prints a table; exits 1 when a figure is off by more than 15 %;
+       PLAN_CHECK_DEBUG=1 also prints each rank's largest storages)
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -97,20 +99,13 @@ def child(out: str, config: str, overrides: list) -> None:
              if torch.is_tensor(t) and t.dim() > 0}
     held["adam_moments"] = sum(held["_seen"].get(p, 0) for p in state)
     del held["_seen"]
-    full = sum(_prod(zero3.full_shape(p)) for p in model.parameters())
-    trainable = sum(_prod(zero3.full_shape(p)) for p in model.parameters() if p.requires_grad)
+    full = sum(math.prod(zero3.full_shape(p)) for p in model.parameters())
+    trainable = sum(math.prod(zero3.full_shape(p)) for p in model.parameters() if p.requires_grad)
     rows = [None] * info.world_size
     torch.distributed.all_gather_object(rows, held)
     if info.rank == 0:
         with open(out, "w") as f:
             json.dump({"ranks": rows, "total_params": full, "trainable": trainable}, f)
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def run_case(nproc: int, variant: str, config: str, overrides: list) -> dict:

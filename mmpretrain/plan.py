@@ -51,8 +51,9 @@ def synthetic_batch(cfg: Any, n: int, vocab_size: int, device: Any = "cpu", seed
     active = set(M.active_names(cfg))
 
     def ints(shape):
-        t = torch.randint(1, max(2, vocab_size), shape, generator=g)
-        return t.to(dev) if dev.type != "meta" else torch.empty(shape, dtype=torch.long, device=dev)
+        if dev.type == "meta":
+            return torch.empty(shape, dtype=torch.long, device=dev)
+        return torch.randint(1, max(2, vocab_size), shape, generator=g).to(dev)
 
     inputs, masks = {}, {}
     for m in M.media():
@@ -158,10 +159,10 @@ def measure_model(cfg: Any, vocab_size: int, micro_batch: int, global_batch: int
         params[_component(n)] = params.get(_component(n), 0) + p.numel()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batch = synthetic_batch(cfg, micro_batch, vocab_size, "meta")
-    pairs = [(p.a, p.b) for p in M.active_pairs(cfg) if float(M.pair_weights(cfg).get(p.name, 0.0)) > 0]
+    pairs = [p for p in M.active_pairs(cfg) if float(M.pair_weights(cfg).get(p.name, 0.0)) > 0]
 
-    def step(count: SavedBytes) -> Dict[str, float]:
-        by_part: Dict[str, float] = {}
+    def model_step(count: SavedBytes) -> float:
+        """FLOPs of a forward + backward of the model, its saved bytes into `count`."""
         counter = FlopCounterMode(display=False)
         with counter:
             with count.counting():
@@ -170,28 +171,27 @@ def measure_model(cfg: Any, vocab_size: int, micro_batch: int, global_batch: int
                 if out.caption is not None:
                     loss = loss + out.caption.logits.sum()
             loss.backward()
-        by_part["model"] = counter.get_total_flops()
-        # the contrastive loss: micro-batch rows against the global batch's keys, both directions
-        # per pair, forward + backward (counted on meta tensors of the global shapes)
-        lc = FlopCounterMode(display=False)
-        with lc:  # one block: entering a FlopCounterMode again starts its count afresh
-            for _ in pairs:
-                q = torch.empty(micro_batch, cfg.model.embed_dim, device="meta", requires_grad=True)
-                k = torch.empty(global_batch, cfg.model.embed_dim, device="meta", requires_grad=True)
-                s = torch.empty((), device="meta", requires_grad=True)
-                t = torch.empty(micro_batch, dtype=torch.long, device="meta")
-                v = torch.empty(global_batch, dtype=torch.bool, device="meta")
-                for _direction in range(2):
-                    contrastive_rows_naive(q, k, s, t, v).sum().backward()
-        by_part["contrastive_loss"] = lc.get_total_flops()
-        return by_part
+        return counter.get_total_flops()
+
+    # the contrastive loss: micro-batch rows against the global batch's keys, both directions per
+    # pair, forward + backward (counted on meta tensors of the global shapes)
+    lc = FlopCounterMode(display=False)
+    with lc:  # one block: entering a FlopCounterMode again starts its count afresh
+        for _ in pairs:
+            q = torch.empty(micro_batch, cfg.model.embed_dim, device="meta", requires_grad=True)
+            k = torch.empty(global_batch, cfg.model.embed_dim, device="meta", requires_grad=True)
+            s = torch.empty((), device="meta", requires_grad=True)
+            t = torch.empty(micro_batch, dtype=torch.long, device="meta")
+            v = torch.empty(global_batch, dtype=torch.bool, device="meta")
+            for _direction in range(2):
+                contrastive_rows_naive(q, k, s, t, v).sum().backward()
 
     plain = SavedBytes(model)
-    by_part = step(plain)
+    by_part = {"model": model_step(plain), "contrastive_loss": lc.get_total_flops()}
     model.zero_grad(set_to_none=True)
     set_grad_checkpointing(model, True)
     ckpt = SavedBytes(model)
-    step(ckpt)
+    model_step(ckpt)
     # while one checkpointed block's backward runs, its recomputed activations live as well
     ckpt_bytes = ckpt.total + _largest_block_bytes(model, plain)
     flops = {k: v / micro_batch for k, v in by_part.items()}

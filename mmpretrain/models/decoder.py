@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from mmpretrain.config import Config
-from mmpretrain.models.transformer import DecodeCache, Encoder, init_weights
-from mmpretrain.models.zero3 import full_shape, gathered
+from mmpretrain.models.transformer import DecodeCache, Encoder, init_fan_in, init_weights
+from mmpretrain.models.zero3 import gathered
 from mmpretrain.ops.attention import attention
 
 
@@ -41,8 +41,7 @@ class AttentionalPooler(nn.Module):
         if self.n_queries == 0:
             return
         for lin in (self.q, self.kv, self.out):
-            with gathered([lin.weight]):
-                nn.init.normal_(lin.weight, std=full_shape(lin.weight)[1] ** -0.5)
+            init_fan_in(lin)
 
     def forward(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.ln_k(tokens)

@@ -19,7 +19,7 @@ from mmpretrain.generation import generate_ids
 from mmpretrain.models.decoder import MultimodalDecoder
 from mmpretrain.models.freeze import apply_lock, is_frozen
 from mmpretrain.models.text import TextTransformer
-from mmpretrain.models.transformer import init_projection, init_weights, set_grad_checkpointing
+from mmpretrain.models.transformer import init_fan_in, init_weights, set_grad_checkpointing
 from mmpretrain.ops.attention import check_backend
 
 
@@ -60,7 +60,7 @@ class MultimodalModel(nn.Module):
             if not getattr(tower, "keeps_own_init", False):
                 init_weights(tower)
         for proj in self.proj.values():
-            init_projection(proj)
+            init_fan_in(proj)
         init_scale = math.log(1.0 / cfg.loss.init_temperature)
         pairs = self.pair_names
         # shape (1,), not 0-dim: DeepSpeed's parameter broadcast views tensors as bytes

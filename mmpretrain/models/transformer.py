@@ -204,9 +204,10 @@ def _init_block(blk: "Block", depth: int) -> None:
             nn.init.normal_(lin.weight, std=std)
 
 
-def init_projection(proj: nn.Linear) -> None:
-    """A tower's map into the shared space ~ N(0, in_features^-1/2) (CLIP's visual / text projection)."""
+def init_fan_in(lin: nn.Linear) -> None:
+    """Weight ~ N(0, in_features^-1/2): CLIP's rule for a tower's map into the shared space, also used
+    for the CoCa pooler's attention maps."""
     from mmpretrain.models.zero3 import full_shape, gathered
 
-    with gathered([proj.weight]):
-        nn.init.normal_(proj.weight, std=full_shape(proj.weight)[1] ** -0.5)
+    with gathered([lin.weight]):
+        nn.init.normal_(lin.weight, std=full_shape(lin.weight)[1] ** -0.5)
