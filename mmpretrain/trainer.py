@@ -16,7 +16,7 @@ import torch
 from mmpretrain import lifecycle  # notes the launcher's pid at import (lifecycle.PARENT_AT_IMPORT)
 from mmpretrain import checkpoint as ckpt_lib
 from mmpretrain import distributed as D
-from mmpretrain import faults, modalities, preemption
+from mmpretrain import faults, host_malloc, modalities, preemption
 from mmpretrain.config import Config, dtype_of, to_yaml
 from mmpretrain.data.pipeline import build_train_loader
 from mmpretrain.data.hf_tokenizer import tokenizer_for
@@ -311,6 +311,8 @@ def _run_locked(cfg: Config, info: D.DistInfo, watcher: PreemptionWatcher, lock:
                 parent: Optional[int]) -> int:
     out = Path(cfg.run.output_dir)
     setup_logging(cfg.run.output_dir, info.rank)
+    if cfg.train.keep_host_memory:  # before the model and the loader workers allocate (forked workers inherit it)
+        log.info(host_malloc.keep_freed_memory())
     if lock.took_over:
         log.warning("took over the run directory lock of %s: %s", lifecycle.RunLock.describe(lock.took_over),
                     lock.took_over["why"])
