@@ -186,8 +186,9 @@ def origin_of(ckpt: Path) -> str:
 
 
 def write_checkpoint(engine, root: Path, step: int, trainer_state: Dict[str, Any], rank_state: Dict[str, Any],
-                     config_yaml: str, keep_last: int) -> Path:
-    """Collective: every rank must call it. Returns the checkpoint directory."""
+                     config_yaml: str, keep_last: int, write_shared: Optional[Callable[[Path], None]] = None) -> Path:
+    """Collective: every rank must call it. Returns the checkpoint directory. `write_shared(ckpt)`:
+    rank 0 writes state every rank holds alike (the EMA) into the step directory, before the commit."""
     t0 = time.perf_counter()
     tag = tag_for(step)
     ckpt = root / tag
@@ -203,6 +204,8 @@ def write_checkpoint(engine, root: Path, step: int, trainer_state: Dict[str, Any
     if err is None:
         try:
             torch.save({"rng": rng_state(), **rank_state}, ckpt / f"rank_{rank:05d}.pt")
+            if rank == 0 and write_shared is not None:
+                write_shared(ckpt)
         except (OSError, RuntimeError) as e:
             err = e
     faults.point("checkpoint.rank_files_written", step=step, rank=rank)  # crash tests kill a rank here
@@ -429,6 +432,8 @@ class Progress:
     samples_seen: int = 0
     modality_counts: Dict[str, int] = field(default_factory=dict)  # empty when starting fresh
     nonfinite_total: int = 0
+    train_seconds: float = 0.0  # wall-clock seconds of the training loop so far (train.max_minutes)
+    schedule_total: Optional[int] = None  # the step count train.max_minutes decided (None: train.steps)
 
 
 class CheckpointManager:
@@ -471,6 +476,9 @@ class CheckpointManager:
         self._engine: Any = None
         self._loader: Any = None
         self._last_save_time = time.time()
+        # set by the trainer before load(): the EMA of the weights (mmpretrain.ema.WeightEMA), saved
+        # by rank 0 into every checkpoint and restored on every kind of resume
+        self.ema: Any = None
 
     # ------------------------------------------------------------------ resume
     def prepare_model(self, model: torch.nn.Module) -> None:
@@ -497,10 +505,20 @@ class CheckpointManager:
         t = state["trainer"]
         if self.mode == "exact":
             loader.load_state_dict(state["rank"]["data"])
+        if self.ema is not None:
+            self.ema.load(self.plan.ckpt)
+        # train.max_minutes decided the schedule's length: keep it (a resume with the budget off
+        # goes back to train.steps, like any other changed key)
+        total = t.get("schedule_total") if self.cfg.train.max_minutes > 0 else None
+        if total is not None:
+            from mmpretrain.engine import set_schedule_total
+
+            set_schedule_total(scheduler, self.cfg, total, move=False)
         if self.mode == "weights_only":  # no schedule was restored: carry its position on
             move_schedule(scheduler, t["step"])
         return Progress(step=t["step"], samples_seen=t["samples_seen"],
-                        modality_counts=dict(t.get("modality_counts", {})), nonfinite_total=t.get("nonfinite_total", 0))
+                        modality_counts=dict(t.get("modality_counts", {})), nonfinite_total=t.get("nonfinite_total", 0),
+                        train_seconds=float(t.get("train_seconds", 0.0)), schedule_total=total)
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, progress: Callable[[], Progress], last: bool = False) -> Optional[Path]:
@@ -535,9 +553,12 @@ class CheckpointManager:
             "nonfinite_total": p.nonfinite_total,
             "data_seed": self.data_seed,
             "origin": self.origin,
+            "train_seconds": p.train_seconds,
+            "schedule_total": p.schedule_total,
         }
+        write_shared = self.ema.save if self.ema is not None else None
         ckpt = write_checkpoint(self._engine, self.root, step, trainer_state, {"data": self._loader.state_dict()},
-                                self.config_yaml, self.cfg.train.keep_last)
+                                self.config_yaml, self.cfg.train.keep_last, write_shared=write_shared)
         self.last_saved_step = step
         self._last_save_time = time.time()
         return ckpt

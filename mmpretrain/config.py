@@ -57,6 +57,39 @@ class AudioDataConfig:
 
 
 @dataclass
+class AudioAugmentConfig:
+    """Training-only waveform augmentation (mmpretrain.data.audio_augment); all off by default.
+    Ranges are [low, high] lists drawn uniformly per sample from the sample's seeded rng."""
+
+    placement: str = "repeat"  # clips shorter than the window: repeat (from the start) | random (random offset, zero pad)
+    gain_db: List[float] = field(default_factory=lambda: [0.0, 0.0])  # random gain in dB; [0, 0] = off
+    noise_prob: float = 0.0  # share of clips that get additive noise (0 = off)
+    noise_snr_db: List[float] = field(default_factory=lambda: [10.0, 40.0])  # signal-to-noise ratio of that noise
+    # noise clips (shard URLs; their audio members, read once per worker) instead of white noise; None = white
+    noise_urls: Optional[str] = None
+    speed: List[float] = field(default_factory=lambda: [1.0, 1.0])  # speed factor (tempo and pitch), [1, 1] = off
+    mix_prob: float = 0.0  # share of clips mixed with the previous clip of the same batch (0 = off)
+    mix_gain_db: List[float] = field(default_factory=lambda: [-12.0, -3.0])  # that clip's gain relative to this one
+
+
+@dataclass
+class ImageAugmentConfig:
+    """Training-only image augmentation after the random resized crop (decode.decode_image); all off by default."""
+
+    rotate_deg: float = 0.0  # random affine: rotation in [-d, d] degrees
+    scale: List[float] = field(default_factory=lambda: [1.0, 1.0])  # affine zoom factor range
+    shear_deg: float = 0.0  # horizontal shear in [-d, d] degrees
+    translate: float = 0.0  # shift in [-t, t] x image side, each axis
+    brightness: float = 0.0  # colour jitter: factor in [1 - b, 1 + b]
+    contrast: float = 0.0
+    saturation: float = 0.0
+    blur_prob: float = 0.0  # Gaussian blur with radius (pixels) drawn from blur_radius
+    blur_radius: List[float] = field(default_factory=lambda: [0.1, 1.5])
+    erase_prob: float = 0.0  # random erasing of a rectangle (area share from erase_area), filled with 0 = the mean
+    erase_area: List[float] = field(default_factory=lambda: [0.02, 0.2])
+
+
+@dataclass
 class DataConfig:
     train: List[SourceConfig] = field(default_factory=list)
     eval_urls: Optional[str] = None
@@ -83,6 +116,8 @@ class DataConfig:
     # (preprocessor_config.json) for model.vision.kind=hf, filled in before training starts
     image_mean: Optional[List[float]] = None
     image_std: Optional[List[float]] = None
+    audio_augment: AudioAugmentConfig = field(default_factory=AudioAugmentConfig)  # with train_augment only
+    image_augment: ImageAugmentConfig = field(default_factory=ImageAugmentConfig)  # with train_augment only
 
 
 @dataclass
@@ -108,6 +143,10 @@ class TowerBase:
     # recompute each layer's activations in backward instead of keeping them (memory for compute;
     # text: the caption decoder and its causal module too)
     grad_checkpointing: bool = False
+    # native towers: this tower's dropout (attention weights); None = model.dropout
+    dropout: Optional[float] = None
+    # native towers: stochastic depth, per-sample residual-branch drop rising linearly with depth to this rate
+    drop_path: float = 0.0
 
 
 @dataclass
@@ -117,10 +156,21 @@ class TowerConfig(TowerBase):
 
 
 @dataclass
+class SpecAugmentConfig:
+    """SpecAugment on the log-mel, training mode only (models/audio.py); 0 masks = off."""
+
+    time_masks: int = 0  # masks per clip along time, each up to time_width frames
+    time_width: int = 0
+    freq_masks: int = 0  # masks per clip along mel bins, each up to freq_width bins
+    freq_width: int = 0
+
+
+@dataclass
 class AudioTowerConfig(TowerConfig):
     n_mels: int = 64
     n_fft: int = 400
     hop_length: int = 160
+    spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)  # native tower only
     patch_size: int = 8
 
 
@@ -171,6 +221,17 @@ class OptimConfig:
 
 
 @dataclass
+class EmaConfig:
+    """Exponential moving average of the trainable weights (mmpretrain.ema), fp32, on the device."""
+
+    enabled: bool = False
+    decay: float = 0.999  # ema = decay x ema + (1 - decay) x weights, after each optimizer step
+    # decay_t = min(decay, (1 + n) / (10 + n)) after n updates: early weights (random init) fade fast
+    warmup: bool = True
+    every: int = 1  # update every this many optimizer steps (skipped non-finite steps never update)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     micro_batch_size: int = 16  # per rank
@@ -207,6 +268,10 @@ class TrainConfig:
     # no completed step (or eval / save) in this long: every rank dumps its stacks to
     # logs/hang_rank{r}.txt and exits with 79 (HANG_EXIT_CODE); 0 = off
     hang_timeout_minutes: float = 0.0
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    # wall-clock budget of the loop (0 = off): the step time measured after warm-up shortens train.steps
+    # and the LR schedule to what fits (mmpretrain.budget); the decision is kept across resumes
+    max_minutes: float = 0.0
 
 
 @dataclass
@@ -259,6 +324,11 @@ class EvalConfig:
     caption_samples: int = 128  # per modality; 0 = all eval samples
     caption_attributes: Optional[str] = None  # "demo": also score attribute words of the demo data
     linear_probe: bool = False  # periodic eval only; the evaluate CLI runs it by default
+    # json field naming an item's group: without train shards the probe splits the eval items by it,
+    # a whole group on one side, so repeated items never land on both sides
+    probe_group_key: str = "group"
+    probe_train_max: int = 4096  # most samples the probe trains on from the train shards (spread over sources)
+    use_ema: bool = False  # the periodic and final eval of a run score the EMA weights (train.ema.enabled)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
@@ -298,6 +368,7 @@ _CHOICES = {
     "train.compile": ("off", "inductor", "aot_eager", "eager"),
     "log.wandb.mode": ("disabled", "offline", "online"),
     "model.vision.stem": ("patch", "conv"),
+    "data.audio_augment.placement": ("repeat", "random"),
     "model.attention_backend": ("auto", "sdpa", "triton", "flash", "reference"),
     "eval.caption_attributes": (None, "demo"),
 }
@@ -313,6 +384,20 @@ _RANGES = {
     "data.min_samples_for_error_rate": (0, None, True),
     "data.crop_min_scale": (0.0, 1.0, False),
     "data.max_image_pixels": (1, None, True),
+    "data.audio_augment.noise_prob": (0.0, 1.0, True),
+    "data.audio_augment.mix_prob": (0.0, 1.0, True),
+    "data.image_augment.rotate_deg": (0.0, 180.0, True),
+    "data.image_augment.shear_deg": (0.0, 45.0, True),
+    "data.image_augment.translate": (0.0, 0.5, True),
+    "data.image_augment.brightness": (0.0, 1.0, True),
+    "data.image_augment.contrast": (0.0, 1.0, True),
+    "data.image_augment.saturation": (0.0, 1.0, True),
+    "data.image_augment.blur_prob": (0.0, 1.0, True),
+    "data.image_augment.erase_prob": (0.0, 1.0, True),
+    "model.audio.spec_augment.time_masks": (0, 100, True),
+    "model.audio.spec_augment.time_width": (0, None, True),
+    "model.audio.spec_augment.freq_masks": (0, 100, True),
+    "model.audio.spec_augment.freq_width": (0, None, True),
     "model.embed_dim": (1, None, True),
     "model.dropout": (0.0, 1.0, True),
     "loss.init_temperature": (0.0, 10.0, False),
@@ -338,6 +423,7 @@ _RANGES = {
     "train.max_nonfinite_steps": (1, None, True),
     "model.text.decoder_queries": (0, 4096, True),
     "eval.caption_samples": (0, None, True),
+    "eval.probe_train_max": (1, None, True),
     "eval.generation.max_new_tokens": (1, 4096, True),
     "eval.generation.min_new_tokens": (0, 4096, True),
     "eval.generation.num_beams": (1, 256, True),
@@ -350,7 +436,31 @@ _RANGES = {
     "train.dist_timeout_minutes": (0.0, 1440.0, False),
     "train.hang_timeout_minutes": (0.0, None, True),
     "train.save_every_minutes": (0.0, None, True),
+    "train.max_minutes": (0.0, None, True),
+    "train.ema.decay": (0.0, 1.0, True),
+    "train.ema.every": (1, None, True),
 }
+
+# [low, high] list keys -> (smallest low, largest high): two numbers, low <= high, inside these bounds
+_PAIR_RANGES = {
+    "data.audio_augment.gain_db": (-60.0, 60.0),
+    "data.audio_augment.noise_snr_db": (-20.0, 100.0),
+    "data.audio_augment.speed": (0.5, 2.0),
+    "data.audio_augment.mix_gain_db": (-60.0, 0.0),
+    "data.image_augment.scale": (0.25, 4.0),
+    "data.image_augment.blur_radius": (0.0, 20.0),
+    "data.image_augment.erase_area": (0.0, 1.0),
+}
+
+
+def _check_pairs(cfg: Config) -> None:
+    for key, (lo, hi) in _PAIR_RANGES.items():
+        v = list(_get(cfg, key))
+        if len(v) != 2 or not lo <= v[0] <= v[1] <= hi:
+            raise ConfigError(f"config key '{key}' = {v} must be [low, high] with {lo} <= low <= high <= {hi}")
+    if cfg.model.audio.kind != "native" and any(dataclasses.asdict(cfg.model.audio.spec_augment).values()):
+        raise ConfigError(f"config key 'model.audio.spec_augment' applies to the native audio tower only "
+                          f"('model.audio.kind' = {cfg.model.audio.kind!r})")
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -423,6 +533,7 @@ def validate(cfg: Config) -> None:
         _check_heads(f"model.{section}", t.width, t.heads, t.depth)
         _check_tower_init(f"model.{section}", t)
     _check_text_tokenizer(cfg)
+    _check_pairs(cfg)
     for key in ("data.image_mean", "data.image_std"):
         v = _get(cfg, key)
         if v is not None and (len(v) != 3 or (key.endswith("std") and min(v) <= 0)):
@@ -465,6 +576,7 @@ def validate(cfg: Config) -> None:
     for pair, w in cfg.loss.pairs.items():
         if w < 0:
             raise ConfigError(f"config key 'loss.pairs.{pair}' = {w} must be >= 0")
+    _check_ema(cfg)
     if cfg.train.compile != "off" and cfg.train.zero_stage == 3:
         raise ConfigError(f"config key 'train.compile' = {cfg.train.compile!r} with train.zero_stage=3: ZeRO-3 gathers "
                           "a tower's parameters in hooks around its forward, which a compiled tower does not run "
@@ -476,6 +588,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.text.decoder_depth' = {cfg.model.text.decoder_depth} must be >= 0")
     if cfg.loss.caption_weight > 0 and cfg.model.text.decoder_depth == 0 and contrastive_off:
         raise ConfigError("config key 'loss.caption_weight' > 0 needs 'model.text.decoder_depth' > 0 when 'loss.pairs.*' are all 0")
+    if not cfg.eval.probe_group_key.strip():
+        raise ConfigError(f"config key 'eval.probe_group_key' = {cfg.eval.probe_group_key!r} must name a json field")
     bad_t = [t for t in cfg.eval.templates if "{}" not in t]
     if bad_t:
         raise ConfigError(f"config key 'eval.templates' has entries without '{{}}' (the class name slot): {bad_t}")
@@ -517,6 +631,24 @@ def _check_tower_init(prefix: str, t: Any) -> None:
         raise ConfigError(f"config key '{prefix}.{which}' has an effect only with '{prefix}.lock' = true")
     if not 0 <= t.lr_mult <= 1000:
         raise ConfigError(f"config key '{prefix}.lr_mult' = {t.lr_mult} is out of range; allowed [0, 1000]")
+    if t.dropout is not None and not 0 <= t.dropout <= 1:
+        raise ConfigError(f"config key '{prefix}.dropout' = {t.dropout} is out of range; allowed [0, 1] or null (model.dropout)")
+    if not 0 <= t.drop_path < 1:
+        raise ConfigError(f"config key '{prefix}.drop_path' = {t.drop_path} is out of range; allowed [0, 1)")
+    if t.kind == "hf" and (t.dropout is not None or t.drop_path > 0):
+        which = "dropout" if t.dropout is not None else "drop_path"
+        raise ConfigError(f"config key '{prefix}.{which}' applies to native towers only ('{prefix}.kind' = 'hf' keeps "
+                          "the dropout of its own config.json)")
+
+
+def _check_ema(cfg: Config) -> None:
+    """train.ema with ZeRO-3 (each rank holds a shard of every parameter: the EMA would need its own
+    partitioning) and eval.use_ema without an EMA are refused."""
+    if cfg.train.ema.enabled and cfg.train.zero_stage == 3:
+        raise ConfigError("config key 'train.ema.enabled' = True with train.zero_stage=3 is not supported: ZeRO-3 "
+                          "partitions the parameters the EMA copies; use train.zero_stage 0-2")
+    if cfg.eval.use_ema and not cfg.train.ema.enabled:
+        raise ConfigError("config key 'eval.use_ema' = True needs 'train.ema.enabled' = true (there is no EMA to evaluate)")
 
 
 def _same_path(a: str, b: str) -> bool:

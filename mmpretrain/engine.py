@@ -193,9 +193,11 @@ def param_groups(model: nn.Module, weight_decay: float, lr: Optional[float] = No
     return groups
 
 
-def lr_lambda(cfg: Config):
-    """Linear warmup to 1, then cosine down to min_lr_ratio at train.steps."""
-    warm, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+def lr_lambda(cfg: Config, total: Optional[int] = None):
+    """Linear warmup to 1, then cosine down to min_lr_ratio at `total` (default train.steps; a
+    train.max_minutes budget sets a smaller one: set_schedule_total)."""
+    warm, floor = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
+    total = cfg.train.steps if total is None else int(total)
 
     def f(step: int) -> float:
         if step < warm:
@@ -204,6 +206,21 @@ def lr_lambda(cfg: Config):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+def set_schedule_total(scheduler: Any, cfg: Config, total: int, move: bool = True) -> None:
+    """Make a LambdaLR of lr_lambda end its cosine at step `total` instead of train.steps. The
+    schedule functions stay plain closures (LambdaLR saves no state of those), so the total lives in
+    the trainer state and is set again on resume. move: also set each group's current lr to the
+    new schedule at the scheduler's position (as its next step() would); False after a resume
+    whose restored optimizer already holds those lrs."""
+    scheduler.lr_lambdas = [lr_lambda(cfg, total) for _ in scheduler.lr_lambdas]
+    if move:
+        step = scheduler.last_epoch
+        lrs = [base * fn(step) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = list(lrs)
 
 
 class SkippableAdamW(torch.optim.AdamW):

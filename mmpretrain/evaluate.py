@@ -48,7 +48,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--class-names", help="json list (or text file, one a line) of class names in label order")
     p.add_argument("--templates", nargs="+", help="prompt templates with {} for the class name")
-    p.add_argument("--probe-train", help="shard URLs to train the linear probe on (default: half of --data)")
+    p.add_argument("--probe-train", help="shard URLs to train the linear probe on (default: the run config's "
+                   "data.train shards when readable, else the --data items split by --probe-group-key)")
+    p.add_argument("--probe-group-key", help="json field grouping repeated eval items: without train shards the "
+                   "probe trains on half of the groups and scores the rest (default eval.probe_group_key)")
+    p.add_argument("--probe-train-max", type=_positive, help="most probe training samples read from the train "
+                   "shards (default eval.probe_train_max)")
     p.add_argument("--caption-samples", type=int, help="captions per modality (0 = all; default eval.caption_samples)")
     p.add_argument("--caption-attributes", choices=["demo"], help="also score the demo data's attribute words")
     p.add_argument("--num-beams", type=int)
@@ -57,6 +62,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.num_workers=0")
     return p.parse_args(argv)
+
+
+def _positive(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -71,6 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.overrides:
             merged = OmegaConf.merge(OmegaConf.create(to_dict(cfg)), OmegaConf.from_dotlist(args.overrides))
             cfg = from_dict(OmegaConf.to_container(merged))
+        if args.probe_group_key is not None:  # through the config: the loaders read the field into batches
+            d = to_dict(cfg)
+            d["eval"]["probe_group_key"] = args.probe_group_key
+            cfg = from_dict(d)  # validated: an empty key is refused
     except (ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -87,7 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.class_names:
         names = load_class_names(args.class_names)
     opts = EvalOptions(tasks=tasks, batch_size=args.batch_size, class_names=names, templates=args.templates,
-                       probe_train_urls=args.probe_train, caption_samples=args.caption_samples, generation=gen,
+                       probe_train_urls=args.probe_train, probe_train_max=args.probe_train_max,
+                       caption_samples=args.caption_samples, generation=gen,
                        caption_attributes=args.caption_attributes)
     try:
         res = EvalSuite(model, cfg, tok, device).run(args.data, opts)
@@ -95,6 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res = {"checkpoint": args.checkpoint, "data": args.data, **res}
+    refused = res.get("linear_probe", {}).get("refused")
+    if refused and info.is_main:
+        print(f"warning: {refused}", file=sys.stderr)
     if info.is_main:
         text = json.dumps(res, indent=1)
         print(text)

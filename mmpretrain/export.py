@@ -30,14 +30,15 @@ from mmpretrain.safe_load import UnsafeCheckpointError
 EXPORT_FORMAT = "mmpretrain-export/1"
 
 
-def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32", clip: str = "auto") -> Path:
-    """Write the export; returns `out`. Written to a temporary sibling and renamed, so a crash
+def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32", clip: str = "auto",
+           ema: bool = False) -> Path:
+    """Write the export; returns `out`. ema: export the checkpoint's EMA weights (train.ema). Written to a temporary sibling and renamed, so a crash
     never leaves a half-written export under `out`. The export is readable by others as far as
     the umask allows (directories 0777 & ~umask, files 0666 & ~umask), like any other file."""
     torch_dtype = dtype_of(dtype)
     ckpt = ckpt_lib.resolve_checkpoint(checkpoint)
     # the model a later load_model rebuilds, checked against these weights: an export always loads
-    loaded = loading.load(ckpt)
+    loaded = loading.load(ckpt, ema=ema)
     cfg, tok, sd = loaded.cfg, loaded.tokenizer, loaded.state_dict
     tensors = {k: v.to(torch_dtype).contiguous() for k, v in sd.items()}
     trainer = ckpt_lib.read_trainer_state(ckpt)
@@ -51,6 +52,7 @@ def export(checkpoint: "str | Path", out: "str | Path", dtype: str = "fp32", cli
         "source_checkpoint": str(ckpt.resolve()),
         "step": trainer.get("step"),
         "samples_seen": trainer.get("samples_seen"),
+        "weights": "ema" if ema else "trained",  # ema: the moving average of train.ema
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     clip_why = export_clip.skip_reason(loaded, clip)  # None: a transformers.CLIPModel goes to out/clip
@@ -99,6 +101,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--clip", default="auto", choices=export_clip.CLIP_MODES,
                    help="also write the image-text towers as a transformers.CLIPModel into OUT/clip: auto = when "
                         "the towers map onto CLIP exactly (else say why and skip), require = fail when not, off")
+    p.add_argument("--ema", action="store_true",
+                   help="export the EMA of the weights (a run with train.ema.enabled) instead of the trained weights")
     return p.parse_args(argv)
 
 
@@ -107,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     try:
         src = ckpt_lib.resolve_checkpoint(args.checkpoint)
-        out = export(src, args.out, args.dtype, args.clip)
+        out = export(src, args.out, args.dtype, args.clip, ema=args.ema)
     except (FileNotFoundError, RuntimeError, ValueError, UnsafeCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

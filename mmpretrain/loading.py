@@ -54,8 +54,10 @@ def is_export(path: "str | Path") -> bool:
     return (Path(path) / EXPORT_WEIGHTS).is_file()
 
 
-def load(path: "str | Path") -> Loaded:
+def load(path: "str | Path", ema: bool = False) -> Loaded:
     """Config, tokenizer, model and weights from an export or a checkpoint (see the module doc).
+    ema: a checkpoint's EMA weights (train.ema, its ema.pt) instead of the trained ones; refused
+    (FileNotFoundError) for an export or a checkpoint without one.
     Raises FileNotFoundError for a path that is neither, RuntimeError when the weights do not fit
     the model, safe_load.UnsafeCheckpointError for a checkpoint file that is not plain data,
     ExportFileError (a RuntimeError) naming an export file that is not safetensors / JSON."""
@@ -63,6 +65,8 @@ def load(path: "str | Path") -> Loaded:
     if not p.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     if is_export(p):
+        if ema:
+            raise FileNotFoundError(f"{p} is an export: the EMA choice was made when it was exported (--ema)")
         source, where = p, p / EXPORT_WEIGHTS
         cfg, tok, sd = _read_export(p)
     else:
@@ -71,6 +75,10 @@ def load(path: "str | Path") -> Loaded:
                                     "(make one with python -m mmpretrain.export)")
         source = where = ckpt_lib.resolve_checkpoint(p)
         cfg, tok, sd = _read_checkpoint(source)
+        if ema:
+            from mmpretrain.ema import with_ema
+
+            sd = with_ema(sd, source)
     model = build_model(cfg, tok.vocab_size)
     ckpt_lib.load_state_checked(model, sd, where)
     return Loaded(model.eval(), cfg, tok, sd, source)

@@ -262,6 +262,7 @@ class Batch:
     captions: Dict[str, torch.Tensor]
     caption_len: Dict[str, torch.Tensor]
     labels: torch.Tensor
+    groups: Optional[torch.Tensor] = None  # (B,) hashed json group (eval.probe_group_key), -1 = none
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -283,7 +284,8 @@ class Batch:
                      {k: mv(k, v) for k, v in self.inputs.items()},
                      {k: v.to(device) for k, v in self.masks.items()}, self.text_len.to(device),
                      {k: v.to(device) for k, v in self.captions.items()},
-                     {k: v.to(device) for k, v in self.caption_len.items()}, self.labels.to(device))
+                     {k: v.to(device) for k, v in self.caption_len.items()}, self.labels.to(device),
+                     None if self.groups is None else self.groups.to(device))
 
     def select(self, index: Sequence[int]) -> "Batch":
         """The rows `index` (a list of row numbers), in that order."""
@@ -297,7 +299,8 @@ class Batch:
         rows = idx.tolist()
         return Batch([self.keys[i] for i in rows], [self.sources[i] for i in rows], [self.epochs[i] for i in rows],
                      pick(self.inputs), pick(self.masks), self.text_len[idx.to(self.text_len.device)],
-                     pick(self.captions), pick(self.caption_len), self.labels[idx.to(self.labels.device)])
+                     pick(self.captions), pick(self.caption_len), self.labels[idx.to(self.labels.device)],
+                     None if self.groups is None else self.groups[idx.to(self.groups.device)])
 
 
 # ----------------------------------------------------------------------------- the built-in modalities
@@ -326,13 +329,21 @@ _HFTextTower = _lazy("mmpretrain.models.hf", "HFTextTower")
 _HF_AUDIO = "mmpretrain.models.hf_audio"
 
 
+def tower_dropout(cfg: Any, section: str) -> float:
+    """model.<section>.dropout, or model.dropout when the tower leaves it unset (None)."""
+    own = getattr(getattr(cfg.model, section, None), "dropout", None)
+    return float(cfg.model.dropout if own is None else own)
+
+
 register(Modality(
     name="image", member_keys="jpg;jpeg;png;webp", captioned=True, aug_stream=1, config_section="vision",
     hf_input="pixel_values",
     decode=lambda b, d, rng: _decode_image(b, d.image_size, rng, max_pixels=d.max_image_pixels,
-                                         min_scale=d.crop_min_scale, hflip=d.hflip, mean=d.image_mean, std=d.image_std),
+                                         min_scale=d.crop_min_scale, hflip=d.hflip, mean=d.image_mean, std=d.image_std,
+                                         augment=getattr(d, "image_augment", None)),
     sample_shape=lambda d: (3, d.image_size, d.image_size),
-    towers={"native": lambda cfg, vocab: _VisionTransformer(cfg.model.vision, cfg.data.image_size, cfg.model.dropout),
+    towers={"native": lambda cfg, vocab: _VisionTransformer(cfg.model.vision, cfg.data.image_size,
+                                                                   tower_dropout(cfg, "vision")),
             "hf": lambda cfg, vocab: _HFImageTower(cfg.model.vision)},  # a local transformers vision model
 ))
 register(Modality(
@@ -343,12 +354,12 @@ register(Modality(
     sample_shape=_lazy(_HF_AUDIO, "audio_sample_shape"),
     from_signal=_lazy(_HF_AUDIO, "audio_from_waveform"),
     towers={"native": lambda cfg, vocab: _AudioTransformer(cfg.model.audio, cfg.data.audio.sample_rate,
-                                                          _audio_samples(cfg.data), cfg.model.dropout),
+                                                          _audio_samples(cfg.data), tower_dropout(cfg, "audio")),
             "hf": _lazy(_HF_AUDIO, "build_hf_audio_tower")},  # AST, Whisper encoder, wav2vec2, HuBERT from a local dir
 ))
 register(Modality(
     name=TEXT, kind="text", member_keys="txt;json:caption", config_section="text", hf_input="input_ids",
     towers={"native": lambda cfg, vocab: _TextTransformer(cfg.model.text, vocab, cfg.data.text_max_len,
-                                                         cfg.model.dropout),
+                                                         tower_dropout(cfg, "text")),
             "hf": lambda cfg, vocab: _HFTextTower(cfg.model.text)},  # a local transformers encoder + its tokenizer
 ))

@@ -2,6 +2,7 @@
 validated config, and runs the loop (steps, logging, preemption, eval, saves)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -18,9 +19,11 @@ from mmpretrain import checkpoint as ckpt_lib
 from mmpretrain import distributed as D
 from mmpretrain import faults, host_malloc, modalities, preemption
 from mmpretrain.config import Config, dtype_of, to_yaml
+from mmpretrain.budget import WallClockBudget
 from mmpretrain.data.pipeline import build_train_loader
 from mmpretrain.data.hf_tokenizer import tokenizer_for
-from mmpretrain.engine import build_engine
+from mmpretrain.ema import WeightEMA
+from mmpretrain.engine import build_engine, set_schedule_total
 from mmpretrain.eval.report import format_table
 from mmpretrain.eval.suite import EvalSuite, summary_lines
 from mmpretrain.feature_cache import FeatureCache
@@ -72,6 +75,11 @@ class Trainer:
         self.checkpointer.prepare_model(model)  # a weights-only resume loads here, before ZeRO partitions
         self.engine, self.optimizer, self.scheduler = build_engine(
             cfg, model, info.world_size, load_universal=self.checkpointer.load_universal)
+        self.ema: Optional[WeightEMA] = None
+        if cfg.train.ema.enabled:  # fp32 copy of the trainable weights on the device; the checkpoint restores it
+            e = cfg.train.ema
+            self.ema = WeightEMA(model, e.decay, e.warmup, e.every)
+            self.checkpointer.ema = self.ema
         compile_towers(model, cfg.train.compile, self.engine.device)  # in place, on the device the engine chose
         self.dtype = dtype_of(cfg.train.precision)
         seed_everything(cfg.run.seed + 1000 * info.rank)  # per-rank streams (dropout, augment)
@@ -83,8 +91,12 @@ class Trainer:
         self.step, self.samples_seen = progress.step, progress.samples_seen
         self.modality_counts.update(progress.modality_counts)
         self.nonfinite_total, self.nonfinite_run = progress.nonfinite_total, 0
+        # train.max_minutes: the loop's clock (earlier sessions included) and the run's step count
+        self.budget = WallClockBudget(cfg.train.max_minutes, cfg.train.steps, progress.train_seconds,
+                                      progress.schedule_total)
+        self.total_steps = self.budget.total
         self._closed = False
-        self.metrics = MetricsLogger(cfg, info.rank, cfg.train.steps, start_step=self.step)
+        self.metrics = MetricsLogger(cfg, info.rank, self.total_steps, start_step=self.step)
         self.flops = FlopMeter(cfg.train.peak_tflops)
         self._truncation_warned: set = set()  # sources already warned about (_warn_truncation)
         if watcher is None:  # run() installs it first thing (a signal during start-up is kept)
@@ -150,6 +162,8 @@ class Trainer:
                 self.modality_counts[m] += int(c)
         self.step += 1
         nonfinite = bool(bad_terms) or not grads_ok or self.engine.skipped_steps > skipped_before
+        if self.ema is not None and not nonfinite:  # a skipped step changed no weight: nor the EMA
+            self.ema.update(self.step)
         self._count_nonfinite(nonfinite, bad_terms)
         totals["step_time"] = time.perf_counter() - t0
         totals["data_wait"] = data_wait
@@ -205,8 +219,10 @@ class Trainer:
 
     def progress(self) -> ckpt_lib.Progress:
         """The counters a checkpoint carries (the manager adds the rest)."""
+        decided = self.budget.total if self.cfg.train.max_minutes > 0 and self.budget.decided else None
         return ckpt_lib.Progress(step=self.step, samples_seen=self.samples_seen,
-                                 modality_counts=dict(self.modality_counts), nonfinite_total=self.nonfinite_total)
+                                 modality_counts=dict(self.modality_counts), nonfinite_total=self.nonfinite_total,
+                                 train_seconds=self.budget.elapsed(), schedule_total=decided)
 
     def _beat(self) -> None:
         if self.watchdog is not None:
@@ -215,7 +231,11 @@ class Trainer:
     def evaluate(self) -> Optional[Dict[str, Any]]:
         if not self.cfg.data.eval_urls:
             return None
-        res = EvalSuite(self.model, self.cfg, self.tokenizer, self.engine.device, self.dtype).periodic()
+        t0 = time.perf_counter()
+        use_ema = self.ema is not None and self.cfg.eval.use_ema
+        with self.ema.swapped_in() if use_ema else contextlib.nullcontext():  # eval.use_ema: score the EMA
+            res = EvalSuite(self.model, self.cfg, self.tokenizer, self.engine.device, self.dtype).periodic()
+        self.budget.note_eval(time.perf_counter() - t0)
         self._beat()
         if self.info.is_main:
             for line in summary_lines(res):
@@ -231,24 +251,40 @@ class Trainer:
             self.watchdog.arm()  # train.hang_timeout_minutes counts from here
         if self.watcher.agreed():  # a signal during start-up: nothing new was trained, nothing to save
             self._preempted(saved=False)
+        self.budget.start()  # train.max_minutes counts from here (start-up excluded)
         if self.step == 0 and cfg.data.eval_urls:
             result["before"] = self.evaluate()
-        while self.step < cfg.train.steps:
+        while self.step < self.total_steps:
             m = self.train_step()
             self._beat()
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+            if self.budget.observe():  # the same step on every rank: the decision is collective
+                self._apply_budget()
+            if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                 self.metrics.log(self._record(m))
             if self.watcher.agreed():  # collective: every rank takes the same branch
                 self.checkpointer.save_now(self.step, self.progress)
                 self._preempted(saved=True)
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
-            self.checkpointer.save(self.step, self.progress)  # collective; saves when due (train.save_every*)
+            t0 = time.perf_counter()
+            if self.checkpointer.save(self.step, self.progress) is not None:  # collective; when due (train.save_every*)
+                self.budget.note_save(time.perf_counter() - t0)
             self._beat()
         self.checkpointer.save(self.step, self.progress, last=True)  # unless this step is saved already
         self._beat()
         result["after"] = self.evaluate()
         return result
+
+    def _apply_budget(self) -> None:
+        """train.max_minutes: fix the run's step count from the measured step time and end the LR
+        schedule's cosine at it (the total is saved in every checkpoint from now on)."""
+        total = self.budget.decide(self.step, self.cfg.train.eval_every, self.cfg.train.save_every)
+        if total != self.total_steps:
+            set_schedule_total(self.scheduler, self.cfg, total)
+            self.total_steps = self.metrics.total = total
+        self.metrics.log({"kind": "budget", "step": self.step, "total_steps": total, "train_steps": self.cfg.train.steps,
+                          "budget_s": self.budget.budget_s, "elapsed_s": self.budget.elapsed(),
+                          "step_s": self.budget.step_s}, console=False)
 
     def _preempted(self, saved: bool) -> None:
         rec = {"kind": "preempted", "step": self.step, "reason": self.watcher.describe(),

@@ -59,6 +59,21 @@ def nan_image() -> None:
     faults.register("train.batch", hook)
 
 
+SLOW_STEP_VAR = "FAULTKIT_SLOW_STEP"
+
+
+def slow_steps() -> None:
+    """Every training step sleeps FAULTKIT_SLOW_STEP seconds first (a slow device: train.max_minutes tests)."""
+    import time
+
+    seconds = float(os.environ[SLOW_STEP_VAR])
+
+    def hook(step: int, rank: int) -> None:
+        time.sleep(seconds)
+
+    faults.register("train.step_start", hook)
+
+
 def no_audio_on_rank1() -> None:
     """Rank 1's batches have no audio at all (every audio mask cleared): a rank with an empty modality."""
 

@@ -31,7 +31,8 @@ def setup(tiny_data, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("evalcli")
     data = tiny_data
-    cfg = load_config(str(TINY_CONFIG), OV)
+    # the run's train shards: the linear probe's default training set
+    cfg = load_config(str(TINY_CONFIG), [*OV, f"data.train=[{{name: tiny, urls: '{data}/train/train-{{000000..000003}}.tar'}}]"])
     torch.manual_seed(0)
     model = build_model(cfg, 259).eval()
     export = root / "export"
@@ -67,12 +68,26 @@ def test_cli_prints_json_with_every_task(setup):
         assert c["num_samples"] == 6 and {"BLEU", "exact_match", "attribute_accuracy"} <= set(c)
     assert res["zeroshot"]["templates"] == ["{}", "a photo of {}"]
     assert set(res["linear_probe"]) >= {"image", "audio", "image+audio/concat", "image+audio/attention", "split"}
+    split = res["linear_probe"]["split"]  # trained on the config's train shards, scored on all of --data
+    assert split["kind"] == "train_shards" and split["num_train"] == 256 and split["num_test"] == 64
     # references are the json per-modality captions of the same samples
     ex = res["captioning"]["audio"]["examples"][0]
     assert " pitch" in ex["reference"] and ex["key"].startswith("eval_")
     bad = subprocess.run([sys.executable, "-m", "mmpretrain.evaluate", "--checkpoint", str(setup["root"] / "nope"),
                           "--data", setup["data"]], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_cli_refuses_probe_without_disjoint_training_items(setup):
+    """No train shards and no json group field: the probe is refused with a message naming the
+    options, instead of training on half of eval items that may repeat."""
+    out = subprocess.run([sys.executable, "-m", "mmpretrain.evaluate", "--checkpoint", setup["export"], "--data",
+                          setup["data"], "--tasks", "linear_probe", "--probe-group-key", "no_such_field",
+                          "data.train=[]"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    msg = json.loads(out.stdout)["linear_probe"]["refused"]
+    assert "--probe-train" in msg and "json 'no_such_field'" in msg and "data.train" in msg
+    assert "warning: linear probe refused" in out.stderr
 
 
 def test_figures_equal_direct_computation(setup):

@@ -7,11 +7,13 @@ import io
 import math
 import warnings
 from fractions import Fraction
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 import soundfile as sf
 from PIL import Image
+
+from . import audio_augment, image_augment
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -47,9 +49,12 @@ def _crop_box(w: int, h: int, rng: Optional[np.random.Generator], min_scale: flo
 
 def decode_image(data: bytes, size: int, rng: Optional[np.random.Generator] = None, max_pixels: int = 50_000_000,
                  min_scale: float = 0.9, hflip: bool = False, mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None) -> np.ndarray:
+                 std: Optional[Sequence[float]] = None, augment: Any = None) -> np.ndarray:
     """Bytes -> float32 (3, size, size) normalized by `mean` / `std` (None: CLIP's statistics). With `rng`: random resized crop and
-    flip (training); without: resize shorter side + centre crop (eval)."""
+    flip, then `augment` (an ImageAugmentConfig: image_augment.py) if given (training); without: resize
+    shorter side + centre crop (eval)."""
+    aug = augment if rng is not None and image_augment.active(augment) else None
+    mean = tuple(CLIP_MEAN if mean is None else mean)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # own limit below
@@ -74,15 +79,19 @@ def decode_image(data: bytes, size: int, rng: Optional[np.random.Generator] = No
         img = img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
         if rng is not None and hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if aug is not None:
+            img = image_augment.augment_pil(img, aug, rng, mean)  # type: ignore[arg-type]
         u8 = np.asarray(img, dtype=np.uint8)  # (size, size, 3)
     except DecodeError:
         raise
     except Exception as e:
         raise DecodeError("image_decode", f"{type(e).__name__}: {e}") from None
-    lut = _normalise_table(tuple(CLIP_MEAN if mean is None else mean), tuple(CLIP_STD if std is None else std))
+    lut = _normalise_table(tuple(float(v) for v in mean), tuple(CLIP_STD if std is None else std))
     out = np.empty((3, size, size), dtype=np.float32)
     for c in range(3):  # one table lookup per pixel, written channel-first: no float HWC temporaries
         np.take(lut[c], u8[:, :, c], out=out[c])
+    if aug is not None:
+        image_augment.erase(out, aug, rng)  # type: ignore[arg-type]
     return out
 
 
@@ -146,14 +155,17 @@ def fit_length(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def decode_audio(data: bytes, sample_rate: int, clip_seconds: float,
-                 rng: Optional[np.random.Generator] = None) -> np.ndarray:
+                 rng: Optional[np.random.Generator] = None, augment: Any = None) -> np.ndarray:
     """Bytes (wav/flac/ogg/mp3) -> float32 mono (N,) at `sample_rate`, N = rate*clip_seconds.
-    Training (`rng`): random crop; eval: centre crop. Only the crop is read from the file."""
+    Training (`rng`): random crop, then `augment` (an AudioAugmentConfig: audio_augment.py) if given;
+    eval: centre crop. Only the crop is read from the file."""
     n_out = int(sample_rate * clip_seconds)
+    aug = augment if rng is not None and audio_augment.active(augment) else None
+    speed = audio_augment.draw_speed(aug, rng) if aug is not None else 1.0  # type: ignore[arg-type]
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             src_rate, frames = f.samplerate, f.frames
-            need = int(math.ceil(clip_seconds * src_rate)) + 1
+            need = int(math.ceil(clip_seconds * src_rate * speed)) + 1  # sped up: more source to fill the clip
             if frames <= 0:
                 raise DecodeError("audio_decode", "no audio frames")
             start = 0
@@ -175,7 +187,11 @@ def decode_audio(data: bytes, sample_rate: int, clip_seconds: float,
     x = x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)  # mono: a view, no averaging pass
     if not np.isfinite(x).all():  # one pass in the usual case; nan_to_num makes four
         x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    x = resample(x, src_rate, sample_rate)
+    # speed perturbation: resampled to rate / speed and read at rate, so tempo and pitch scale by speed
+    x = resample(x, src_rate, sample_rate if speed == 1.0 else int(round(sample_rate / speed)))
     if x.shape[-1] == 0:
         raise DecodeError("audio_decode", "clip too short to resample")
-    return np.ascontiguousarray(fit_length(x, n_out), dtype=np.float32)
+    if aug is None:
+        return np.ascontiguousarray(fit_length(x, n_out), dtype=np.float32)
+    x = audio_augment.place(x, n_out, rng) if aug.placement == "random" else fit_length(x, n_out)  # type: ignore[arg-type]
+    return audio_augment.augment_clip(x, aug, rng, sample_rate)  # type: ignore[arg-type]

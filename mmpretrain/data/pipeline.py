@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import modalities as M
 from ..config import Config, DataConfig, SourceConfig
+from . import audio_augment
 from .decode import DecodeError
 from .samples import SampleProcessor, SourceSpec, collate, parse_source
 from .shards import expand_urls, local_path, shard_problem, shard_sizes
@@ -52,6 +53,7 @@ class Plan:
     window: int
     # the modalities the run has towers for (modalities.active): others are neither decoded nor batched
     active: Optional[Tuple[str, ...]] = None
+    group_key: str = "group"  # the json field batched as `groups` (eval.probe_group_key)
 
 
 def _plan_sources(sources: List[SourceConfig], resampled: bool) -> List[SourcePlan]:
@@ -87,7 +89,7 @@ class SlotWorker:
         self.plan, self.worker = plan, worker
         self.slot = plan.rank * plan.workers + worker
         n_slots = plan.world_size * plan.workers
-        self.proc = SampleProcessor(plan.data, plan.tokenizer, plan.train, plan.active)
+        self.proc = SampleProcessor(plan.data, plan.tokenizer, plan.train, plan.active, group_key=plan.group_key)
         self.streams: List[WindowedStream] = []
         for sp in plan.sources:
             i = sp.spec.index
@@ -147,6 +149,7 @@ class SlotWorker:
             else:  # seeded by batch index so a resumed slot draws the same mix
                 choice = _rng(p.seed, 41, self.slot, self.batch_idx).choice(len(p.sources), p.batch_size, p=self.probs)
             examples = []
+            audio_augment.begin_batch()  # clips mix only within a batch: resume-exact
             try:
                 for k in choice:
                     examples.append(self._next_example(int(k)))
@@ -335,7 +338,7 @@ class EvalLoader:
         self.plan = Plan(data=cfg.data, tokenizer=tokenizer, sources=_plan_sources([src], False),
                          seed=int(cfg.run.seed), batch_size=int(batch_size), rank=rank, world_size=world_size,
                          workers=max(1, self.num_workers), train=False, resampled=False, window=1,
-                         active=tuple(M.active_names(cfg)))
+                         active=tuple(M.active_names(cfg)), group_key=cfg.eval.probe_group_key)
         self._states: List[Optional[Dict[str, Any]]] = [None] * self.plan.workers
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:

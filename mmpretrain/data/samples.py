@@ -2,6 +2,7 @@
 (cheap, before decoding), then decode media; and collate examples into a batch."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
@@ -65,7 +66,12 @@ class Prepared:
     text: Optional[List[int]]
     captions: Dict[str, Optional[List[int]]]  # captioned modality -> token ids
     label: int
-    truncated: bool = False  # the caption had more tokens than data.text_max_len holds: its end was cut
+    truncated: bool = False  # a caption (any option of a list) had more tokens than data.text_max_len holds: cut
+    group: int = -1  # hashed json group value (see _group); -1 = none
+    # json fields holding a list of captions: every option tokenised (text and captions above hold the
+    # first, the eval choice); training draws one per sample and epoch in decode
+    text_options: List[List[int]] = field(default_factory=list)
+    caption_options: Dict[str, List[List[int]]] = field(default_factory=dict)  # modalities with their own field
 
 
 @dataclass
@@ -77,6 +83,7 @@ class Example:
     text: Optional[List[int]]
     captions: Dict[str, Optional[List[int]]]
     label: int
+    group: int = -1
 
 
 def _utf8(b: bytes) -> str:
@@ -86,14 +93,19 @@ def _utf8(b: bytes) -> str:
         raise DecodeError("text_decode", f"not UTF-8: {e}") from None
 
 
+# the sub-seed of the caption draw (media modalities use theirs, modalities.Modality.aug_stream: small numbers)
+CAPTION_STREAM = 1000
+
+
 class SampleProcessor:
     """Turns raw samples into examples with the configured train or eval transforms."""
 
     def __init__(self, data_cfg: DataConfig, tokenizer: Tokenizer, train: bool,
-                 active: Optional[Sequence[str]] = None):
+                 active: Optional[Sequence[str]] = None, group_key: str = "group"):
         """active: the modalities with a tower (None: all); the others' members count for
-        `required` but are never decoded."""
-        self.cfg, self.tok, self.train = data_cfg, tokenizer, train
+        `required` but are never decoded. group_key: the json field read as the sample's group
+        (eval.probe_group_key: the linear probe's eval split keeps a group on one side)."""
+        self.cfg, self.tok, self.train, self.group_key = data_cfg, tokenizer, train, group_key
         self.max_len = int(data_cfg.text_max_len)
         self.active = set(active) if active is not None else set(M.names())
 
@@ -110,7 +122,7 @@ class SampleProcessor:
                 raise DecodeError("text_decode", f"bad json: {e}") from None
             if not isinstance(meta, dict):
                 raise DecodeError("text_decode", "json member is not an object")
-        caption: Optional[str] = None
+        caption: List[str] = []  # the options of the first text member that has any
         for ext, fld in spec.text_keys:
             if ext not in files:
                 continue
@@ -118,26 +130,34 @@ class SampleProcessor:
                 value: Any = _utf8(files[ext])
             else:
                 value = meta.get(fld) if ext == "json" else _json_field(files[ext], fld)
-            if isinstance(value, str) and value.strip():
-                caption = value.strip()
+            caption = _options(value)
+            if caption:
                 break
         media = {}
         for name, keys in spec.media_keys.items():
             found = next((files[e] for e in keys if e in files), None)
             if found is not None:
                 media[name] = found
-        present = {name: name in media for name in spec.media_keys} | {M.TEXT: caption is not None}
+        present = {name: name in media for name in spec.media_keys} | {M.TEXT: bool(caption)}
         if not any(present.values()):
             raise DecodeError("empty", f"members {sorted(files)}")
         for mod in sorted(spec.required):
             if not present[mod]:
                 raise DecodeError(f"missing_{mod}", f"members {sorted(files)}")
         media = {name: data for name, data in media.items() if name in self.active}  # no tower: not decoded
-        text, cut = self._tok_cut(caption)
+        options = [self._tok_cut(c) for c in caption]
+        text = options[0][0] if options else None
+        captions: Dict[str, Optional[List[int]]] = {}
+        caption_options: Dict[str, List[List[int]]] = {}
+        for m in M.captioned():
+            own = [ids for ids in (self._tok(c) for c in _options(meta.get(f"caption_{m}"))) if ids]
+            captions[m] = own[0] if own else text
+            if own:
+                caption_options[m] = own
         return Prepared(
-            key=raw.key, source=spec.name, url=raw.url, media=media, text=text,
-            captions={m: self._tok(meta.get(f"caption_{m}")) or text for m in M.captioned()},
-            label=_label(meta, files), truncated=cut,
+            key=raw.key, source=spec.name, url=raw.url, media=media, text=text, captions=captions,
+            label=_label(meta, files), truncated=any(cut for _, cut in options), group=_group(meta, self.group_key),
+            text_options=[ids for ids, _ in options] if len(options) > 1 else [], caption_options=caption_options,
         )
 
     def _tok_cut(self, s: Any) -> Tuple[Optional[List[int]], bool]:
@@ -161,7 +181,26 @@ class SampleProcessor:
             m = M.get(name)
             rng = np.random.default_rng([*aug_seed, m.aug_stream]) if self.train and self.cfg.train_augment else None
             arrays[name] = m.decode(data, self.cfg, rng)
-        return Example(p.key, p.source, epoch, arrays, p.text, p.captions, p.label)
+        text, captions = p.text, p.captions
+        if self.train and self.cfg.train_augment and (p.text_options or any(len(o) > 1 for o in p.caption_options.values())):
+            # one option per sample and epoch, from the sample's position like the media: resume-exact
+            rng = np.random.default_rng([*aug_seed, CAPTION_STREAM])
+            if p.text_options:
+                text = p.text_options[int(rng.integers(len(p.text_options)))]
+            captions = {}
+            for m in M.captioned():  # a modality without its own field keeps the drawn text
+                own = p.caption_options.get(m)
+                captions[m] = own[int(rng.integers(len(own)))] if own and len(own) > 1 else own[0] if own else text
+        return Example(p.key, p.source, epoch, arrays, text, captions, p.label, group=p.group)
+
+
+def _options(value: Any) -> List[str]:
+    """A caption field's options: a non-empty string, or the non-empty strings of a list."""
+    if isinstance(value, str):
+        return [value.strip()] if value.strip() else []
+    if isinstance(value, list):
+        return [v.strip() for v in value if isinstance(v, str) and v.strip()]
+    return []
 
 
 def _json_field(b: bytes, fld: str) -> Any:
@@ -182,6 +221,16 @@ def _label(meta: Dict[str, Any], files: Dict[str, bytes]) -> int:
         except (UnicodeDecodeError, ValueError):
             v = None
     return -1 if v is None else int(v)
+
+
+def _group(meta: Dict[str, Any], key: str) -> int:
+    """The json field `key` as a non-negative int64 (a stable hash of its text, so strings and ids
+    both work and every process agrees), or -1 when absent / null / empty."""
+    v = meta.get(key)
+    if v is None or v == "":
+        return -1
+    text = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") & (2 ** 63 - 1)
 
 
 def _batch_buffer(shape: Tuple[int, ...]) -> torch.Tensor:
@@ -236,4 +285,5 @@ def collate(examples: List[Example], data_cfg: DataConfig, pad_id: int,
         epochs=[ex.epoch for ex in examples], inputs=inputs, masks=masks, text_len=text_len,
         captions=captions, caption_len=caption_len,
         labels=torch.tensor([ex.label for ex in examples], dtype=torch.long),
+        groups=torch.tensor([ex.group for ex in examples], dtype=torch.long),
     )

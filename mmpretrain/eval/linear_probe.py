@@ -30,6 +30,30 @@ def stratified_split(labels: Sequence[int], test_fraction: float = 0.5, seed: in
     return np.sort(np.array(tr, dtype=np.int64)), np.sort(np.array(te, dtype=np.int64))
 
 
+def group_split(labels: Sequence[int], groups: Sequence[int], test_fraction: float = 0.5,
+                seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """(train_idx, test_idx) with all items of a group on the same side, so that copies of an
+    item (which share its group) are never trained on and scored. The groups are split by
+    `stratified_split` on each group's most common label (ties: the smaller; -1 when it has no
+    label); items without a group (-1) go to neither side."""
+    y, g = np.asarray(labels, dtype=np.int64), np.asarray(groups, dtype=np.int64)
+    keep = np.flatnonzero(g >= 0)
+    uniq, inv = np.unique(g[keep], return_inverse=True)
+    glab = np.full(len(uniq), -1, dtype=np.int64)
+    lab = y[keep]
+    has = lab >= 0
+    if has.any():  # per group the (label, count) pairs; the most common label, smallest on ties
+        pairs, counts = np.unique(np.stack([inv[has], lab[has]], 1), axis=0, return_counts=True)
+        order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))
+        first = order[np.r_[True, pairs[order[1:], 0] != pairs[order[:-1], 0]]]
+        glab[pairs[first, 0]] = pairs[first, 1]
+    _, gte = stratified_split(glab.tolist(), test_fraction, seed)
+    side = np.zeros(len(uniq), dtype=bool)
+    side[gte] = True  # True: the group is scored
+    in_test = side[inv]
+    return np.sort(keep[~in_test]), np.sort(keep[in_test])
+
+
 def _lbfgs(params: List[torch.Tensor], closure, max_iter: int) -> None:
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")

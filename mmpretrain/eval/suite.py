@@ -7,21 +7,25 @@ all ranks are done."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from mmpretrain import distributed as D
 from mmpretrain import modalities as M
-from mmpretrain.config import Config, GenerationConfig
-from mmpretrain.data.pipeline import build_eval_loader
+from mmpretrain.config import Config, GenerationConfig, SourceConfig
+from mmpretrain.data.pipeline import DataError, build_eval_loader
+from mmpretrain.data.shards import ShardError
 from mmpretrain.eval.captioning import caption_split, captioning_report
-from mmpretrain.eval.linear_probe import linear_probe_report, stratified_split
+from mmpretrain.eval.linear_probe import group_split, linear_probe_report
 from mmpretrain.eval.retrieval import gather_features, retrieval_report
 from mmpretrain.eval.zeroshot import class_embeddings, load_class_names, zeroshot_report
 
 TASKS = ("retrieval", "zeroshot", "linear_probe", "captioning")
+log = logging.getLogger("mmpretrain.eval")
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Embedded:
     embeddings: Dict[str, torch.Tensor]  # modality -> (N, E)
     masks: Dict[str, torch.Tensor]  # modality -> (N,) bool
     labels: torch.Tensor  # (N,), -1 = none
+    groups: Optional[torch.Tensor] = None  # (N,) hashed json group (eval.probe_group_key), -1 = none
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -45,7 +50,14 @@ class Embedded:
     def cat(self, other: "Embedded") -> "Embedded":
         return Embedded({m: torch.cat([v, other.embeddings[m]]) for m, v in self.embeddings.items()},
                         {m: torch.cat([v, other.masks[m]]) for m, v in self.masks.items()},
-                        torch.cat([self.labels, other.labels]))
+                        torch.cat([self.labels, other.labels]), torch.cat([self.group_ids(), other.group_ids()]))
+
+    def group_ids(self) -> torch.Tensor:
+        return self.groups if self.groups is not None else torch.full_like(self.labels, -1)
+
+    def head(self, n: int) -> "Embedded":
+        return Embedded({m: v[:n] for m, v in self.embeddings.items()}, {m: v[:n] for m, v in self.masks.items()},
+                        self.labels[:n], self.group_ids()[:n])
 
 
 @dataclass
@@ -56,25 +68,30 @@ class EvalOptions:
     batch_size: int = 64
     class_names: Optional[Sequence[str]] = None
     templates: Optional[Sequence[str]] = None
-    probe_train_urls: Optional[str] = None  # default: a stratified half of the eval split
+    probe_train_urls: Optional[str] = None  # default: the run's train shards, else a split of the eval data by group
+    probe_train_max: Optional[int] = None  # cap on probe training samples (eval.probe_train_max)
     caption_samples: Optional[int] = None
     generation: Optional[GenerationConfig] = None
     caption_attributes: Optional[str] = None
 
 
 @torch.no_grad()
-def embed_split(model: torch.nn.Module, loader: Any, device: torch.device, dtype: torch.dtype) -> Embedded:
-    """Every modality's embedding of this rank's samples, then gathered over ranks."""
+def embed_split(model: torch.nn.Module, loader: Any, device: torch.device, dtype: torch.dtype,
+                limit: Optional[int] = None) -> Embedded:
+    """Every modality's embedding of this rank's samples (its first `limit` when given), then
+    gathered over ranks."""
     was_training = model.training
     model.eval()
     names = [m for m in M.names() if m in model.towers]  # the modalities this model has towers for
     emb: Dict[str, List[torch.Tensor]] = {m: [] for m in names}
     masks: Dict[str, List[torch.Tensor]] = {m: [] for m in names}
     labels: List[torch.Tensor] = []
+    groups: List[torch.Tensor] = []
     it = iter(loader)
     dummy = None
+    seen = 0
     while True:
-        batch = next(it, None)
+        batch = next(it, None) if limit is None or seen < limit else None
         done = torch.tensor([0.0 if batch is not None else 1.0])
         if D.all_reduce_sum(done).item() >= D.world_size():
             break
@@ -89,12 +106,16 @@ def embed_split(model: torch.nn.Module, loader: Any, device: torch.device, dtype
                 emb[m].append(out[m].cpu())
                 masks[m].append(batch.masks[m].cpu())
             labels.append(batch.labels.cpu())
+            groups.append(batch.groups.cpu() if batch.groups is not None else torch.full_like(labels[-1], -1))
+            seen += len(batch)
     model.train(was_training)
 
     def cat(parts: List[torch.Tensor]) -> torch.Tensor:
-        return gather_features(torch.cat(parts) if parts else torch.empty(0))
+        t = torch.cat(parts) if parts else torch.empty(0)
+        return gather_features(t[:limit] if limit is not None else t)
 
-    return Embedded({m: cat(v) for m, v in emb.items()}, {m: cat(v).bool() for m, v in masks.items()}, cat(labels))
+    return Embedded({m: cat(v) for m, v in emb.items()}, {m: cat(v).bool() for m, v in masks.items()}, cat(labels),
+                    cat(groups).long())
 
 
 class EvalSuite:
@@ -109,8 +130,11 @@ class EvalSuite:
         return build_eval_loader(urls, self.cfg, self.tokenizer, batch_size=batch_size, rank=D.rank(),
                                  world_size=D.world_size())
 
-    def embed(self, urls: str, batch_size: int) -> Embedded:
-        return embed_split(self.model, self.loader(urls, batch_size), self.device, self.dtype)
+    def embed(self, urls: str, batch_size: int, limit: Optional[int] = None, loader: Any = None) -> Embedded:
+        """The split's embeddings; `limit`: at most that many samples, each rank its first share."""
+        per_rank = None if limit is None else -(-limit // D.world_size())
+        e = embed_split(self.model, loader or self.loader(urls, batch_size), self.device, self.dtype, per_rank)
+        return e if limit is None else e.head(limit)
 
     @torch.no_grad()
     def run(self, urls: str, opts: Optional[EvalOptions] = None) -> Dict[str, Any]:
@@ -119,7 +143,9 @@ class EvalSuite:
         retrieval: R@1/5/10, median / mean rank per direction, class-level when every sample has a
         label (a hit is any item of the query's class) and instance-level (`retrieval_instance`).
         zeroshot: class names (default: classes.json beside the shards) x templates. linear_probe:
-        trained on `probe_train_urls`, else on a stratified half of `urls`, tested on the rest.
+        scored on `urls`, trained on `probe_train_urls`, else on the config's data.train shards, else
+        on the eval items of half of the groups (json eval.probe_group_key) and scored on the
+        others; refused when none of these exists (a random half would put repeats on both sides).
         captioning: needs a decoder; `caption_samples` per modality (0 = all)."""
         opts = opts or EvalOptions()
         unknown = set(opts.tasks) - set(TASKS)
@@ -165,21 +191,69 @@ class EvalSuite:
     def _probe(self, emb: Embedded, opts: EvalOptions) -> Dict[str, Any]:
         if not bool((emb.labels >= 0).any()):
             return {"skipped": "no sample has a json label"}
+        cap = opts.probe_train_max if opts.probe_train_max is not None else self.cfg.eval.probe_train_max
+        key = self.cfg.eval.probe_group_key
         if opts.probe_train_urls:
-            train = self.embed(opts.probe_train_urls, opts.batch_size)
-            both = train.cat(emb)
-            tr_idx = torch.arange(len(train)).numpy()
-            te_idx = torch.arange(len(train), len(both)).numpy()
-            split = f"train on {opts.probe_train_urls}"
+            train: Optional[Embedded] = self.embed(opts.probe_train_urls, opts.batch_size, cap)
+            split: Dict[str, Any] = {"kind": "probe_train", "description": f"trained on {opts.probe_train_urls}"}
+            if not bool((train.labels >= 0).any()):
+                return {"skipped": f"no sample of --probe-train {opts.probe_train_urls} has a json label"}
+            why = ""
         else:
+            train, why = self._train_shards(opts.batch_size, cap)
+            names = ", ".join(s.name for s in self.cfg.data.train)
+            split = {"kind": "train_shards", "description": f"trained on the train shards (data.train: {names})"}
+            if train is not None and not bool((train.labels >= 0).any()):
+                train, why = None, "no sample of the data.train shards has a json label"
+        if train is not None:
+            both = train.cat(emb)
+            tr_idx, te_idx = np.arange(len(train)), np.arange(len(train), len(both))
+        else:
+            g = emb.group_ids()
+            if not bool((g >= 0).any()):
+                msg = (f"linear probe refused: it needs training items disjoint from the scored ones, and {why}; "
+                       f"no eval item has a json '{key}' field either. Pass --probe-train URLS, give the config "
+                       f"readable data.train shards, or a json group field on each eval item (--probe-group-key / "
+                       f"eval.probe_group_key; copies of an item share it). A random half of the eval items is not "
+                       f"used: items repeated in the eval set would fall on both sides")
+                log.warning(msg)
+                return {"refused": msg}
             both = emb
-            tr_idx, te_idx = stratified_split(emb.labels.tolist(), 0.5, seed=self.cfg.run.seed)
-            split = "stratified 50/50 split of the eval data"
+            tr_idx, te_idx = group_split(emb.labels.tolist(), g.tolist(), 0.5, seed=self.cfg.run.seed)
+            split = {"kind": "group", "description": f"eval items split by json '{key}' ({why})", "group_key": key,
+                     "num_groups_train": int(g[tr_idx].unique().numel()),
+                     "num_groups_test": int(g[te_idx].unique().numel()), "num_ungrouped": int((g < 0).sum())}
+        labelled = (both.labels >= 0).numpy()
+        split.update(num_train=int(labelled[tr_idx].sum()), num_test=int(labelled[te_idx].sum()))
         num_classes = max(int(both.labels.max()) + 1, len(opts.class_names or []))
         rep: Dict[str, Any] = linear_probe_report(both.media(), both.masks, both.labels, num_classes, tr_idx, te_idx,
                                                   fuse=list(both.media()))
         rep["split"] = split
         return rep
+
+    def _train_shards(self, batch_size: int, cap: int) -> Tuple[Optional[Embedded], str]:
+        """Up to `cap` samples of the config's data.train shards (the cap shared evenly by the
+        sources), or (None, why not) when there are none or a source cannot be read here."""
+        srcs: List[SourceConfig] = list(self.cfg.data.train)
+        if not srcs:
+            return None, "the config has no data.train shards"
+        loaders, why = [], ""
+        for src in srcs:
+            try:
+                loaders.append(build_eval_loader(src.urls, self.cfg, self.tokenizer, batch_size=batch_size,
+                                                 rank=D.rank(), world_size=D.world_size(), source=src))
+            except (DataError, ShardError, OSError, ValueError) as e:
+                why = f"data.train source '{src.name}' ({src.urls}) cannot be read here: {e}"
+                break
+        # every rank takes the same branch (each embeds collectively), so one unreadable rank stops all
+        if D.all_reduce_sum(torch.tensor([0.0 if why else 1.0])).item() < D.world_size():
+            return None, why or "data.train cannot be read on another rank"
+        per = -(-cap // len(srcs))
+        parts = [self.embed(src.urls, batch_size, per, ld) for src, ld in zip(srcs, loaders)]
+        out = parts[0]
+        for p in parts[1:]:
+            out = out.cat(p)
+        return out.head(cap), ""
 
     def _captioning(self, urls: str, opts: EvalOptions) -> Dict[str, Any]:
         if getattr(self.model, "decoder", None) is None:

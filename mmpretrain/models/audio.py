@@ -60,6 +60,24 @@ class LogMel(nn.Module):
         return logmel[:, None]
 
 
+def spec_augment(spec: torch.Tensor, time_masks: int, time_width: int, freq_masks: int, freq_width: int) -> torch.Tensor:
+    """SpecAugment on a normalised log-mel (B, 1, M, T): per clip, `time_masks` bands of 0..time_width
+    frames and `freq_masks` bands of 0..freq_width mel bins set to 0 (the clip's mean). Draws from
+    torch's generator of the tensor's device, so torch seeding and the checkpointed RNG state make
+    it reproducible."""
+    b, _, m, t = spec.shape
+    keep = torch.ones(b, 1, m, t, dtype=torch.bool, device=spec.device)
+    for n, width, axis, size in ((freq_masks, freq_width, 2, m), (time_masks, time_width, 3, t)):
+        if n <= 0 or width <= 0:
+            continue
+        w = torch.randint(0, min(width, size) + 1, (b, n), device=spec.device)
+        start = (torch.rand(b, n, device=spec.device) * (size - w + 1)).floor().long()  # band inside [0, size)
+        pos = torch.arange(size, device=spec.device)
+        hit = ((pos >= start[..., None]) & (pos < (start + w)[..., None])).any(1)  # (B, size)
+        keep = keep & ~(hit[:, None, :, None] if axis == 2 else hit[:, None, None, :])
+    return spec.masked_fill(~keep, 0.0)
+
+
 class AudioTransformer(nn.Module):
     def __init__(self, cfg: AudioTowerConfig, sample_rate: int, num_samples: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -73,11 +91,16 @@ class AudioTransformer(nn.Module):
         self.cls = nn.Parameter(torch.randn(1, 1, cfg.width) * scale)
         self.pos = nn.Parameter(torch.randn(1, n + 1, cfg.width) * scale)
         self.ln_pre = nn.LayerNorm(cfg.width)
-        self.encoder = Encoder(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout)
+        self.encoder = Encoder(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout,
+                               drop_path=getattr(cfg, "drop_path", 0.0))  # model.<tower>.drop_path
         self.ln_post = nn.LayerNorm(cfg.width)
+        sa = getattr(cfg, "spec_augment", None)  # model.audio.spec_augment; None: a config saved before the key
+        self.spec_augment = (sa.time_masks, sa.time_width, sa.freq_masks, sa.freq_width) if sa is not None else (0, 0, 0, 0)
 
     def forward(self, wav: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         spec = self.mel(wav)[..., : self.frames]  # (B, 1, M, T)
+        if self.training and any(self.spec_augment):
+            spec = spec_augment(spec, *self.spec_augment)
         x = self.patch(spec.to(self.patch.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
         x = self.ln_post(self.encoder(self.ln_pre(x)))

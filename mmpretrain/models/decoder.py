@@ -8,6 +8,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from mmpretrain import modalities as M
 from mmpretrain.config import Config
 from mmpretrain.models.transformer import DecodeCache, Encoder, init_fan_in, init_weights
 from mmpretrain.models.zero3 import gathered
@@ -76,7 +77,8 @@ class MultimodalDecoder(nn.Module):
         self.poolers = nn.ModuleDict({
             k: AttentionalPooler(w, width, t.heads, t.decoder_queries) for k, w in context_widths.items()})
         self.modality_embed = nn.ParameterDict({k: nn.Parameter(torch.zeros(1, 1, width)) for k in self.modalities})
-        self.encoder = Encoder(width, t.decoder_depth, t.heads, t.mlp_ratio, m.dropout, cross=True)
+        # the text section's dropout (model.text.dropout, else model.dropout); no stochastic depth here
+        self.encoder = Encoder(width, t.decoder_depth, t.heads, t.mlp_ratio, M.tower_dropout(cfg, "text"), cross=True)
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
         init_weights(self)

@@ -262,7 +262,8 @@ class HFAudioDecoder:
     def __call__(self, data: bytes, data_cfg: Any, rng: Optional[np.random.Generator]) -> np.ndarray:
         from mmpretrain.data.decode import decode_audio
 
-        wave = decode_audio(data, data_cfg.audio.sample_rate, data_cfg.audio.clip_seconds, rng)
+        wave = decode_audio(data, data_cfg.audio.sample_rate, data_cfg.audio.clip_seconds, rng,
+                            augment=getattr(data_cfg, "audio_augment", None))  # None: a config saved before the key
         return self.frontend_for(data_cfg)(wave)
 
 
@@ -445,7 +446,8 @@ def audio_decode(data: bytes, data_cfg: Any, rng: Optional[np.random.Generator])
     front end when `data.audio.feature_extractor` names one."""
     from mmpretrain.data.decode import decode_audio
 
-    wave = decode_audio(data, data_cfg.audio.sample_rate, data_cfg.audio.clip_seconds, rng)
+    wave = decode_audio(data, data_cfg.audio.sample_rate, data_cfg.audio.clip_seconds, rng,
+                        augment=getattr(data_cfg, "audio_augment", None))  # None: a config saved before the key
     path = frontend_path(data_cfg)
     if path is None:
         return wave

@@ -76,7 +76,8 @@ class MultimodalModel(nn.Module):
             self.decoder = MultimodalDecoder(cfg, vocab_size, {k: self.towers[k].width for k in M.captioned()
                                                                if k in self.towers})
             if not hasattr(self.towers[M.TEXT], "new_cache"):
-                self.caption_tower = TextTransformer(m.text, vocab_size, cfg.data.text_max_len, m.dropout)
+                self.caption_tower = TextTransformer(m.text, vocab_size, cfg.data.text_max_len,
+                                                     M.tower_dropout(cfg, "text"))
                 init_weights(self.caption_tower)
         self._init_and_lock_towers(cfg)
         self._set_checkpointing(cfg)

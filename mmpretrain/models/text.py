@@ -17,7 +17,8 @@ class TextTransformer(nn.Module):
         self.width, self.context_len = cfg.width, context_len
         self.tok = nn.Embedding(vocab_size, cfg.width)
         self.pos = nn.Parameter(torch.randn(1, context_len, cfg.width) * 0.01)
-        self.encoder = Encoder(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout)
+        self.encoder = Encoder(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout,
+                               drop_path=getattr(cfg, "drop_path", 0.0))  # model.<tower>.drop_path
         self.ln_post = nn.LayerNorm(cfg.width)
 
     def new_cache(self) -> DecodeCache:

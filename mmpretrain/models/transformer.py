@@ -94,11 +94,32 @@ class MultiheadAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, t, h * dh))
 
 
-class Block(nn.Module):
-    """x + SelfAttn(LN(x)) [+ CrossAttn(LN(x), ctx)] + MLP(LN(x))."""
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a residual branch (B, ...): in training each sample's branch is zeroed
+    with probability p and the kept ones are scaled by 1 / (1 - p), so the expectation is x. p = 0 or
+    eval: x itself, drawing no random numbers (the dropout streams stay as they were)."""
+    if p <= 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, cross: bool = False):
+
+def drop_path_rates(rate: float, depth: int) -> List[float]:
+    """Per-block drop rates rising linearly from 0 (first block) to `rate` (last), as in timm /
+    EVA-CLIP (torch.linspace(0, rate, depth)): a one-block encoder drops nothing."""
+    if depth <= 1:
+        return [0.0] * depth
+    return [rate * i / (depth - 1) for i in range(depth)]
+
+
+class Block(nn.Module):
+    """x + DropPath(SelfAttn(LN(x))) [+ DropPath(CrossAttn(LN(x), ctx))] + DropPath(MLP(LN(x)))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, cross: bool = False,
+                 drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = drop_path  # this block's stochastic-depth rate (drop_path_rates)
         self.ln1 = nn.LayerNorm(width)
         self.attn = MultiheadAttention(width, heads, dropout)
         self.cross = None
@@ -118,10 +139,12 @@ class Block(nn.Module):
         context_mask: Optional[torch.Tensor] = None,
         cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), causal=causal, key_padding_mask=key_padding_mask, cache=cache)
+        p, train = self.drop_path, self.training
+        x = x + drop_path(self.attn(self.ln1(x), causal=causal, key_padding_mask=key_padding_mask, cache=cache), p, train)
         if self.cross is not None:
-            x = x + self.cross(self.ln_c(x), context=context, key_padding_mask=context_mask, cache=cache)
-        return x + self.mlp(self.ln2(x))
+            x = x + drop_path(self.cross(self.ln_c(x), context=context, key_padding_mask=context_mask, cache=cache),
+                              p, train)
+        return x + drop_path(self.mlp(self.ln2(x)), p, train)
 
 
 class Encoder(nn.Module):
@@ -129,9 +152,12 @@ class Encoder(nn.Module):
     # recomputed in backward instead of kept (the RNG state is replayed, so dropout masks match)
     grad_checkpointing: bool = False
 
-    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float, dropout: float = 0.0, cross: bool = False):
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float, dropout: float = 0.0, cross: bool = False,
+                 drop_path: float = 0.0):
+        """drop_path: the stochastic-depth rate of the last block (drop_path_rates)."""
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, cross) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, cross, drop_path=r)
+                                    for r in drop_path_rates(drop_path, depth))
 
     def forward(self, x: torch.Tensor, cache: Optional[DecodeCache] = None, **kw) -> torch.Tensor:
         """`cache`: incremental decoding (see DecodeCache); the caller advances its offset."""

@@ -37,7 +37,8 @@ class VisionTransformer(nn.Module):
         self.cls = nn.Parameter(torch.randn(1, 1, cfg.width) * scale)
         self.pos = nn.Parameter(torch.randn(1, n + 1, cfg.width) * scale)
         self.ln_pre = nn.LayerNorm(cfg.width)
-        self.encoder = Encoder(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout)
+        self.encoder = Encoder(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, dropout,
+                               drop_path=getattr(cfg, "drop_path", 0.0))  # model.<tower>.drop_path
         self.ln_post = nn.LayerNorm(cfg.width)
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,64 @@
+"""SpecAugment in the native audio tower's front end (model.audio.spec_augment): training mode only,
+widths respected, seeded by torch's RNG, eval output unchanged."""
+import torch
+
+from mmpretrain.config import AudioTowerConfig, SpecAugmentConfig
+from mmpretrain.models.audio import AudioTransformer, spec_augment
+
+RATE, SAMPLES = 8000, 4000
+
+
+def _tower(**sa) -> AudioTransformer:
+    cfg = AudioTowerConfig(width=32, depth=1, heads=2, n_mels=32, hop_length=80, patch_size=8,
+                           spec_augment=SpecAugmentConfig(**sa))
+    torch.manual_seed(0)
+    return AudioTransformer(cfg, RATE, SAMPLES)
+
+
+def test_bands_within_widths_and_counts():
+    torch.manual_seed(1)
+    spec = torch.randn(16, 1, 32, 48) + 5.0  # nothing is 0 before masking
+    out = spec_augment(spec, time_masks=2, time_width=6, freq_masks=1, freq_width=4)
+    zero = out == 0
+    assert torch.equal(out[~zero], spec[~zero])
+    for b in range(16):
+        z = zero[b, 0]
+        full_rows = z.all(1)  # masked mel bins (whole rows)
+        full_cols = z.all(0)  # masked frames (whole columns)
+        assert torch.equal(z, full_rows[:, None] | full_cols[None, :])  # only whole bands
+        assert full_rows.sum() <= 4 and (~full_cols).any()
+        # time: at most 2 bands of <= 6 frames: <= 12 frames, each run <= 12 (two bands may touch)
+        assert full_cols.sum() <= 12
+    assert zero.any(), "some masks must be drawn over 16 clips"
+    rows = zero[:, 0].all(2).sum(1)
+    assert rows.max() > 0 and rows.max() <= 4
+
+
+def test_same_seed_same_masks():
+    spec = torch.randn(4, 1, 32, 48)
+    torch.manual_seed(5)
+    a = spec_augment(spec, 2, 8, 2, 8)
+    torch.manual_seed(5)
+    b = spec_augment(spec, 2, 8, 2, 8)
+    c = spec_augment(spec, 2, 8, 2, 8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_training_mode_only_and_off_by_default():
+    wav = torch.randn(3, SAMPLES)
+    plain, masked = _tower(), _tower(time_masks=2, time_width=10, freq_masks=2, freq_width=8)
+    assert torch.equal(plain.pos, masked.pos)  # same weights: the config adds no parameters
+    plain.eval(), masked.eval()
+    with torch.no_grad():
+        ref = plain(wav)[0]
+        assert torch.equal(masked(wav)[0], ref)  # eval: unchanged
+    plain.train(), masked.train()
+    with torch.no_grad():
+        torch.manual_seed(3)
+        p_train = plain(wav)[0]
+        torch.manual_seed(3)
+        m_train = masked(wav)[0]
+        torch.manual_seed(3)
+        m_again = masked(wav)[0]
+    assert torch.equal(p_train, ref)  # off (the default): training mode changes nothing either
+    assert not torch.allclose(m_train, ref) and torch.equal(m_train, m_again)
