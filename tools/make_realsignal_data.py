@@ -148,7 +148,7 @@ def _write_shards(out: Path, split: str, samples: List[Dict[str, bytes]], shard_
     return sizes
 
 
-def make_realsignal(out: str, train: int = 6000, train_clips: int = 150, test_clips: int = 50,
+def make_realsignal(out: str, train: int = 6000, train_clips: int = 400, test_clips: int = 50,
                     test_images: int = 50, test_voice_share: float = 0.25, image_size: int = 32,
                     sample_rate: int = 16000, missing_share: float = 0.1, shard_size: int = 1000,
                     seed: int = 0) -> Dict[str, object]:
@@ -209,7 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--train", type=int, default=6000, help="train samples (scans and clips recur, paired afresh)")
-    ap.add_argument("--train-clips", type=int, default=150, help="spoken clips per digit from the train voices")
+    ap.add_argument("--train-clips", type=int, default=400, help="spoken clips per digit from the train voices")
     ap.add_argument("--test-clips", type=int, default=50, help="spoken clips per digit from the test voices")
     ap.add_argument("--test-images", type=int, default=50, help="held-out scans per digit")
     ap.add_argument("--test-voice-share", type=float, default=0.25, help="share of voice variants held out")
