@@ -78,7 +78,7 @@ class MultimodalDecoder(nn.Module):
             k: AttentionalPooler(w, width, t.heads, t.decoder_queries) for k, w in context_widths.items()})
         self.modality_embed = nn.ParameterDict({k: nn.Parameter(torch.zeros(1, 1, width)) for k in self.modalities})
         # the text section's dropout (model.text.dropout, else model.dropout); no stochastic depth here
-        self.encoder = Encoder(width, t.decoder_depth, t.heads, t.mlp_ratio, M.tower_dropout(cfg, "text"), cross=True)
+        self.encoder = Encoder(width, t.decoder_depth, t.heads, t.mlp_ratio, M.tower_dropout(cfg, M.TEXT), cross=True)
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
         init_weights(self)

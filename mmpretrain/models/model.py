@@ -77,7 +77,7 @@ class MultimodalModel(nn.Module):
                                                                if k in self.towers})
             if not hasattr(self.towers[M.TEXT], "new_cache"):
                 self.caption_tower = TextTransformer(m.text, vocab_size, cfg.data.text_max_len,
-                                                     M.tower_dropout(cfg, "text"))
+                                                     M.tower_dropout(cfg, M.TEXT))
                 init_weights(self.caption_tower)
         self._init_and_lock_towers(cfg)
         self._set_checkpointing(cfg)
