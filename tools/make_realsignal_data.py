@@ -167,13 +167,13 @@ def make_realsignal(out: str, train: int = 6000, train_clips: int = 400, test_cl
                 "caption_audio": _captions(d, AUDIO_TEXT)}
         if fixed_text:  # eval: one caption per sample
             meta = {k: (v[0] if isinstance(v, list) else v) for k, v in meta.items()}
-        s = {"__key__": key, "json": json.dumps(meta, sort_keys=True).encode()}
+        s: Dict[str, bytes] = {"__key__": key, "json": b""}  # json first in the tar, filled in below
         if png is not None:
             s["png"] = png
         if clip is not None:
             s["flac"] = clip[2]
             meta["voice"] = clip[1]
-            s["json"] = json.dumps(meta, sort_keys=True).encode()
+        s["json"] = json.dumps(meta, sort_keys=True).encode()
         return s
 
     train_samples = []
