@@ -40,6 +40,7 @@ demo: install
 		--config configs/demo.yaml run.output_dir=$(DEMO_RUN) \
 		"data.train=[{name: demo, urls: '$(DEMO_DIR)/train/train-{000000..000007}.tar'}]" \
 		data.eval_urls='$(DEMO_DIR)/eval/eval-000000.tar'
+	$(PY) -m mmpretrain.plot $(DEMO_RUN) --out $(DEMO_RUN)/report.html  # prints the report's path
 
 # the real-signal benchmark (README): digits scanned by hand, spoken by voices never heard in training;
 # train.max_minutes=10 on 2 CPU processes under DeepSpeed, then class-level hits on the held-out voices

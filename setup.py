@@ -30,8 +30,11 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.5", "triton>=3.0"],
         "wandb": ["wandb>=0.16"],
+        "tensorboard": ["tensorboard>=2.10"],  # log.report_to: [tensorboard]
+        "plot": ["matplotlib>=3.7"],  # mmpretrain-plot
         "eval": ["scikit-learn>=1.3", "sacrebleu>=2.3", "pycocoevalcap>=1.2"],
-        "dev": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3", "triton>=3.0", "scikit-learn>=1.3", "sacrebleu>=2.3", "pycocoevalcap>=1.2", "pyflakes>=3"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3", "triton>=3.0", "scikit-learn>=1.3", "sacrebleu>=2.3", "pycocoevalcap>=1.2", "pyflakes>=3",
+                "tensorboard>=2.10", "matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [
@@ -40,6 +43,13 @@ setup(
             "mmpretrain-evaluate=mmpretrain.evaluate:main",
             "mmpretrain-export=mmpretrain.export:main",
             "mmpretrain-plan=mmpretrain.plan:main",
+            "mmpretrain-plot=mmpretrain.plot:main",
+            # the user-facing tools (tools/*.py are wrappers of these)
+            "mmpretrain-make-shards=mmpretrain.cli.make_shards:main",
+            "mmpretrain-inspect-shards=mmpretrain.cli.inspect_shards:main",
+            "mmpretrain-train-tokenizer=mmpretrain.cli.train_tokenizer:main",
+            "mmpretrain-make-demo-data=mmpretrain.cli.make_demo_data:main",
+            "mmpretrain-caption=mmpretrain.cli.caption:main",
         ]
     },
 )

@@ -212,26 +212,43 @@ def write_checkpoint(engine, root: Path, step: int, trainer_state: Dict[str, Any
     _stop_together_if_failed(root, ckpt, step, err)  # a barrier: every rank's files are on disk
     if rank == 0:
         try:
-            atomic_write(ckpt / "trainer_state.json", json.dumps(trainer_state, indent=1))
-            atomic_write(ckpt / "config.yaml", config_yaml)
-            atomic_write(ckpt / "COMPLETE", f"{step}\n")
-            atomic_write(root / "latest", tag + "\n")
+            commit_checkpoint(root, ckpt, step, json.dumps(trainer_state, indent=1), config_yaml)
         except OSError as e:
             err = e
     _stop_together_if_failed(root, ckpt, step, err)
     if rank == 0:
-        for old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(universal_dir(old), ignore_errors=True)
-        for d in root.glob("step_*"):  # partial saves of earlier steps (killed mid-save)
-            m = _TAG.match(d.name)
-            if m and int(m.group(1)) < step and not (d / "COMPLETE").exists():
-                shutil.rmtree(d, ignore_errors=True)
+        retain(root, step, keep_last)
     D.barrier()
     if rank == 0:
         size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
         log.info("saved checkpoint %s (%.1f MiB, %.2f s)", ckpt, size / 2**20, time.perf_counter() - t0)
     return ckpt
+
+
+def commit_checkpoint(root: Path, ckpt: Path, step: int, trainer_state_json: str, config_yaml: str) -> None:
+    """Rank 0, once every rank's files are on disk: the step's own files, then COMPLETE, then
+    `latest` (each atomic: a kill between two leaves the last complete checkpoint in charge)."""
+    atomic_write(ckpt / "trainer_state.json", trainer_state_json)
+    atomic_write(ckpt / "config.yaml", config_yaml)
+    atomic_write(ckpt / "COMPLETE", f"{step}\n")
+    atomic_write(root / "latest", ckpt.name + "\n")
+
+
+def remove_partial(ckpt: Path) -> None:
+    (ckpt / "COMPLETE").unlink(missing_ok=True)  # first, so a half-removed dir is never taken as complete
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def retain(root: Path, step: int, keep_last: int) -> None:
+    """Rank 0, after the commit of `step`: keep the newest `keep_last` complete checkpoints and
+    remove partial saves of earlier steps (killed mid-save)."""
+    for old in complete_checkpoints(root)[:-keep_last]:
+        remove_partial(old)
+        shutil.rmtree(universal_dir(old), ignore_errors=True)
+    for d in root.glob("step_*"):
+        m = _TAG.match(d.name)
+        if m and int(m.group(1)) < step and not (d / "COMPLETE").exists():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _stop_together_if_failed(root: Path, ckpt: Path, step: int, err: Optional[BaseException]) -> None:
@@ -242,8 +259,7 @@ def _stop_together_if_failed(root: Path, ckpt: Path, step: int, err: Optional[Ba
     if err is not None:
         log.error("rank %d could not write its part of %s: %s: %s", D.rank(), ckpt, type(err).__name__, err)
     if D.rank() == 0:
-        (ckpt / "COMPLETE").unlink(missing_ok=True)  # first, so a half-removed dir is never taken as complete
-        shutil.rmtree(ckpt, ignore_errors=True)
+        remove_partial(ckpt)
     D.barrier()
     exc = _write_error_message(root, step, err)
     log.error("%s", exc)
@@ -451,7 +467,11 @@ class CheckpointManager:
        trainer's `Progress`.
     3. `save(step, progress)` after every step, collective: saves every `train.save_every` steps,
        when `train.save_every_minutes` passed on any rank (the ranks agree), and with `last=True`
-       unless this step is saved already. `save_now` saves at once (preemption)."""
+       unless this step is saved already. `save_now` saves at once (preemption).
+    4. `train.async_save`: a periodic save snapshots the state in memory and returns while a
+       background thread writes it (mmpretrain.async_checkpoint); at most one is pending (the next
+       save waits for it), and the final save, `save_now` and `close()` wait until it is committed.
+       A failed background write raises CheckpointWriteError at the next save (on every rank)."""
 
     def __init__(self, cfg: Config, info: D.DistInfo, root: "str | Path") -> None:
         self.cfg, self.info, self.root = cfg, info, Path(root)
@@ -479,6 +499,11 @@ class CheckpointManager:
         # set by the trainer before load(): the EMA of the weights (mmpretrain.ema.WeightEMA), saved
         # by rank 0 into every checkpoint and restored on every kind of resume
         self.ema: Any = None
+        self._async: Any = None
+        if cfg.train.async_save:
+            from mmpretrain.async_checkpoint import AsyncCheckpointWriter
+
+            self._async = AsyncCheckpointWriter(cfg.train.dist_timeout_minutes)
 
     # ------------------------------------------------------------------ resume
     def prepare_model(self, model: torch.nn.Module) -> None:
@@ -526,7 +551,10 @@ class CheckpointManager:
         Saves when due (see the class); `progress` is called only then. Returns the directory
         written, or None."""
         due = self.last_saved_step != step if last else self._due(step)
-        return self.save_now(step, progress) if due else None
+        ckpt = self.save_now(step, progress, block=last) if due else None
+        if last:
+            self.wait()  # the final checkpoint (or this step's pending one) is committed before the run ends
+        return ckpt
 
     def _due(self, step: int) -> bool:
         t = self.cfg.train
@@ -536,8 +564,9 @@ class CheckpointManager:
             due = D.any_rank(late) or due
         return due and step != self.last_saved_step
 
-    def save_now(self, step: int, progress: Callable[[], Progress]) -> Path:
-        """Collective: save this step now (preemption)."""
+    def save_now(self, step: int, progress: Callable[[], Progress], block: bool = True) -> Path:
+        """Collective: save this step now (preemption). With train.async_save and `block=False` it
+        returns once the state is snapshotted, while the files are written."""
         if self._engine is None:
             raise RuntimeError("CheckpointManager.load() must run before the first save")
         p = progress()
@@ -556,12 +585,34 @@ class CheckpointManager:
             "train_seconds": p.train_seconds,
             "schedule_total": p.schedule_total,
         }
-        write_shared = self.ema.save if self.ema is not None else None
-        ckpt = write_checkpoint(self._engine, self.root, step, trainer_state, {"data": self._loader.state_dict()},
-                                self.config_yaml, self.cfg.train.keep_last, write_shared=write_shared)
+        rank_state = {"data": self._loader.state_dict()}
+        if self._async is not None:
+            from mmpretrain.ema import EMA_FILE
+
+            shared = {EMA_FILE: self.ema.state_dict()} if self.ema is not None else {}
+            ckpt = self._async.save(self._engine, self.root, step, trainer_state, rank_state, self.config_yaml,
+                                    self.cfg.train.keep_last, shared)
+        else:
+            write_shared = self.ema.save if self.ema is not None else None
+            ckpt = write_checkpoint(self._engine, self.root, step, trainer_state, rank_state,
+                                    self.config_yaml, self.cfg.train.keep_last, write_shared=write_shared)
         self.last_saved_step = step
         self._last_save_time = time.time()
+        if block:
+            self.wait()
         return ckpt
+
+    def wait(self) -> None:
+        """Collective in effect (every rank reaches it at the same point): returns once the pending
+        asynchronous save is committed; its failure raises CheckpointWriteError on every rank."""
+        if self._async is not None:
+            self._async.wait(self.root)
+
+    def close(self) -> None:
+        """Waits for a pending asynchronous save (a failure is only logged: the run is ending on
+        another error) and frees its staging memory. Idempotent."""
+        if self._async is not None:
+            self._async.close()
 
     def latest(self) -> Optional[Path]:
         """The newest complete checkpoint of this run (None if there is none yet)."""

@@ -34,13 +34,13 @@ class ConfigError(ValueError):
 class SourceConfig:
     """One shard source. Sources with different modality sets mix by weight."""
 
-    name: str = "default"
+    name: str = "default"  # the source's name in metrics and logs (data/<name>/...); unique in data.train
     urls: str = MISSING  # brace-expanded list, local paths or `pipe:` commands
-    weight: float = 1.0
+    weight: float = 1.0  # sampling weight: each sample of a batch comes from this source with p = weight / sum
     # extension list per modality; `json:caption` reads a field of a json member
     image_keys: str = "jpg;jpeg;png;webp"
-    audio_keys: str = "flac;wav;mp3;ogg"
-    text_keys: str = "txt;json:caption"
+    audio_keys: str = "flac;wav;mp3;ogg"  # audio member extensions
+    text_keys: str = "txt;json:caption"  # caption members: extensions, or json:<field> of the .json member
     # modalities every sample must have (`;`-separated, e.g. "text"); others are skipped as missing_<m>
     required: str = ""
     # json shard-name -> sample count; default: sizes.json beside local shards (pipes need it)
@@ -49,7 +49,9 @@ class SourceConfig:
 
 @dataclass
 class AudioDataConfig:
-    sample_rate: int = 16000
+    sample_rate: int = 16000  # Hz; every clip is resampled to it
+    # seconds per sample: longer clips are cropped (random window in training, centre in eval), shorter ones
+    # filled (data.audio_augment.placement)
     clip_seconds: float = 1.0
     # an HF feature extractor directory (preprocessor_config.json) run on each decoded clip in the
     # loader workers; None = the waveform (native tower). Filled from model.audio.hf_path for kind=hf
@@ -81,31 +83,32 @@ class ImageAugmentConfig:
     shear_deg: float = 0.0  # horizontal shear in [-d, d] degrees
     translate: float = 0.0  # shift in [-t, t] x image side, each axis
     brightness: float = 0.0  # colour jitter: factor in [1 - b, 1 + b]
-    contrast: float = 0.0
-    saturation: float = 0.0
+    contrast: float = 0.0  # colour jitter: contrast factor in [1 - c, 1 + c]
+    saturation: float = 0.0  # colour jitter: saturation factor in [1 - s, 1 + s]
     blur_prob: float = 0.0  # Gaussian blur with radius (pixels) drawn from blur_radius
-    blur_radius: List[float] = field(default_factory=lambda: [0.1, 1.5])
+    blur_radius: List[float] = field(default_factory=lambda: [0.1, 1.5])  # [low, high] blur radius in pixels
     erase_prob: float = 0.0  # random erasing of a rectangle (area share from erase_area), filled with 0 = the mean
-    erase_area: List[float] = field(default_factory=lambda: [0.02, 0.2])
+    erase_area: List[float] = field(default_factory=lambda: [0.02, 0.2])  # [low, high] share of the area erased
 
 
 @dataclass
 class DataConfig:
-    train: List[SourceConfig] = field(default_factory=list)
-    eval_urls: Optional[str] = None
-    num_workers: int = 2
-    image_size: int = 64
-    audio: AudioDataConfig = field(default_factory=AudioDataConfig)
+    train: List[SourceConfig] = field(default_factory=list)  # the training shard sources (keys below), mixed by weight
+    eval_urls: Optional[str] = None  # eval shards for the periodic and final eval; None = no eval
+    num_workers: int = 2  # data-loader worker processes per rank
+    image_size: int = 64  # side in pixels of the square images the vision tower sees
+    audio: AudioDataConfig = field(default_factory=AudioDataConfig)  # how audio members are decoded
     # tokens per caption, BOS and EOS included; longer captions are cut at the end, counted per source
     # (metrics data/truncated) and warned about when more than 20 % are. The byte tokenizer spends one
     # token per byte: a ~100-character caption needs ~100 (a BPE tokenizer fits it in ~25)
     text_max_len: int = 128
     tokenizer: str = "bytes"  # "bytes", a tokenizer.json file, or a local HF tokenizer dir
-    shuffle_buffer: int = 256
-    shard_shuffle: bool = True
+    shuffle_buffer: int = 256  # samples per shuffle window of each source's stream (larger: better mixed, more memory)
+    shard_shuffle: bool = True  # seeded shuffle of the shard order each epoch
     resampled: bool = False  # infinite seeded sampling of shards instead of epochs
     max_error_rate: float = 0.1  # stop when more than this share of samples is corrupt
-    min_samples_for_error_rate: int = 100
+    min_samples_for_error_rate: int = 100  # data.max_error_rate applies only after this many samples
+    # training-time randomness: random resized crop, audio crop, caption choice, and the augment sections below
     train_augment: bool = True
     crop_min_scale: float = 0.9  # random resized crop: smallest area share kept
     # off by default, as in OpenCLIP: a mirror image contradicts captions that say left / right and
@@ -115,7 +118,7 @@ class DataConfig:
     # image normalisation per RGB channel; None = CLIP's statistics, or the image processor's
     # (preprocessor_config.json) for model.vision.kind=hf, filled in before training starts
     image_mean: Optional[List[float]] = None
-    image_std: Optional[List[float]] = None
+    image_std: Optional[List[float]] = None  # the std per channel to that mean; None = from the same source
     audio_augment: AudioAugmentConfig = field(default_factory=AudioAugmentConfig)  # with train_augment only
     image_augment: ImageAugmentConfig = field(default_factory=ImageAugmentConfig)  # with train_augment only
 
@@ -129,10 +132,10 @@ class TowerBase:
     # false: no tower, its pairs are off, its members are not decoded (also automatic when no pair of
     # weight > 0 and no captioning uses the modality: modalities.active)
     enabled: bool = True
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
+    width: int = 128  # hidden size of the native tower's layers
+    depth: int = 2  # transformer layers of the native tower
+    heads: int = 4  # attention heads (width must be divisible by heads)
+    mlp_ratio: float = 4.0  # MLP hidden size = width x mlp_ratio
     hf_path: Optional[str] = None  # kind=hf: a local transformers model directory (never downloaded)
     init: str = "auto"  # auto (hf weights for kind=hf, random otherwise) | random | hf | path to our export/checkpoint
     pooling: str = "auto"  # kind=hf: text cls|mean|eos, image cls|mean; auto = what the model family does
@@ -160,16 +163,16 @@ class SpecAugmentConfig:
     """SpecAugment on the log-mel, training mode only (models/audio.py); 0 masks = off."""
 
     time_masks: int = 0  # masks per clip along time, each up to time_width frames
-    time_width: int = 0
+    time_width: int = 0  # longest time mask, frames
     freq_masks: int = 0  # masks per clip along mel bins, each up to freq_width bins
-    freq_width: int = 0
+    freq_width: int = 0  # widest frequency mask, mel bins
 
 
 @dataclass
 class AudioTowerConfig(TowerConfig):
-    n_mels: int = 64
-    n_fft: int = 400
-    hop_length: int = 160
+    n_mels: int = 64  # log-mel bins (a multiple of patch_size)
+    n_fft: int = 400  # STFT window in samples (400 = 25 ms at 16 kHz)
+    hop_length: int = 160  # STFT hop in samples, one mel frame each (160 = 10 ms at 16 kHz)
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)  # native tower only
     patch_size: int = 8
 
@@ -186,45 +189,46 @@ class TextTowerConfig(TowerBase):
 
 @dataclass
 class ModelConfig:
-    embed_dim: int = 128
+    embed_dim: int = 128  # the shared contrastive embedding size every tower projects to
     vision: TowerConfig = field(default_factory=TowerConfig)
     audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
-    attention_backend: str = "auto"  # auto | sdpa | triton | flash | reference
-    dropout: float = 0.0
+    attention_backend: str = "auto"  # attention kernel of the native towers: auto | sdpa | triton | flash | reference
+    dropout: float = 0.0  # native towers' dropout unless model.<tower>.dropout sets their own
 
 
 @dataclass
 class LossConfig:
-    kind: str = "infonce"  # infonce | siglip
-    impl: str = "naive"  # naive | tiled
+    kind: str = "infonce"  # contrastive loss: infonce (softmax over the batch, CLIP) | siglip (pairwise sigmoid)
+    impl: str = "naive"  # infonce logits: naive (the whole similarity matrix) | tiled (in tiles: Triton on CUDA)
     # weight per contrastive pair (`image_text`, ...: mmpretrain.modalities.pairs()); unlisted pairs weigh 1
     pairs: Dict[str, float] = field(default_factory=dict)
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0
+    init_temperature: float = 0.07  # starting temperature of the learned logit scale (scale = 1 / temperature)
+    max_logit_scale: float = 100.0  # the learned logit scale is clamped at this
+    # a pair's loss counts in a step only when the global batch holds this many samples with both modalities
     min_valid_pairs: int = 2
-    contrastive_weight: float = 1.0
-    caption_weight: float = 2.0
+    contrastive_weight: float = 1.0  # weight of the contrastive losses in the total loss
+    caption_weight: float = 2.0  # weight of the captioning loss (needs model.text.decoder_depth > 0)
     # exact big-batch contrastive gradients over train.grad_accum micro-batches (no-grad feature pass first)
     feature_cache: bool = False
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
+    lr: float = 1e-3  # peak AdamW learning rate, reached after warmup_steps
+    weight_decay: float = 0.1  # AdamW weight decay of matrices (biases, norms and embedding tables: none)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.98  # AdamW second-moment decay
+    eps: float = 1e-6  # AdamW denominator epsilon
+    warmup_steps: int = 10  # linear warm-up from 0 to lr
+    min_lr_ratio: float = 0.1  # cosine decay after warm-up ends at lr x min_lr_ratio at the last step
 
 
 @dataclass
 class EmaConfig:
     """Exponential moving average of the trainable weights (mmpretrain.ema), fp32, on the device."""
 
-    enabled: bool = False
+    enabled: bool = False  # keep the EMA (saved with each checkpoint as ema.pt)
     decay: float = 0.999  # ema = decay x ema + (1 - decay) x weights, after each optimizer step
     # decay_t = min(decay, (1 + n) / (10 + n)) after n updates: early weights (random init) fade fast
     warmup: bool = True
@@ -233,11 +237,11 @@ class EmaConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    micro_batch_size: int = 16  # per rank
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    zero_stage: int = 2
+    steps: int = 100  # optimizer steps of the run
+    micro_batch_size: int = 16  # samples per rank in each forward / backward
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = micro batch x grad_accum x ranks)
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    zero_stage: int = 2  # DeepSpeed ZeRO: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters partitioned
     # torch.compile of each tower: off | inductor | aot_eager | eager (models/compile.py); ZeRO 0-2
     compile: str = "off"
     # glibc keeps freed host memory (no mmap for large blocks, no trimming): a CPU step no longer
@@ -252,14 +256,15 @@ class TrainConfig:
     # stage 3: build the model under deepspeed.zero.Init (each module partitioned as it is built,
     # HF towers loaded shard-wise), so no rank ever holds the whole model; false = build whole, then partition
     zero3_init: bool = True
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    log_every: int = 10
-    eval_every: int = 0  # 0 = only at the end
-    save_every: int = 0  # steps; 0 = only at the end
-    save_every_minutes: float = 0.0
-    keep_last: int = 3
-    resume: str = "auto"  # auto | never | a checkpoint path
-    max_nonfinite_steps: int = 5
+    precision: str = "fp32"  # training precision: fp32 | bf16 | fp16
+    log_every: int = 10  # log training metrics every this many steps
+    eval_every: int = 0  # eval on data.eval_urls every this many steps; 0 = only at the end
+    save_every: int = 0  # save a checkpoint every this many steps; 0 = only at the end
+    save_every_minutes: float = 0.0  # also save when this many minutes passed since the last save (0 = off)
+    keep_last: int = 3  # checkpoints kept; older ones are deleted
+    async_save: bool = False  # periodic saves: snapshot in memory, write in a background thread while training goes on
+    resume: str = "auto"  # auto (the run directory's latest checkpoint, if any) | never | a checkpoint path
+    max_nonfinite_steps: int = 5  # stop after this many non-finite (NaN / inf) steps in a row; each is skipped
     # with SLURM_JOB_END_TIME set, save and exit for requeue this long before the limit (0 = off)
     preempt_margin_minutes: float = 0.0
     # a collective waiting longer than this for a peer fails; the survivors exit with 76
@@ -276,22 +281,28 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
+    # offline / online turn wandb on; with wandb listed in log.report_to, disabled means online;
+    # WANDB_MODE in the environment wins (mmpretrain.report_backends)
     mode: str = "disabled"  # disabled | offline | online
-    project: str = "mmpretrain"
-    entity: Optional[str] = None
+    project: str = "mmpretrain"  # wandb project
+    entity: Optional[str] = None  # wandb entity (team or user); None = the account's default
 
 
 @dataclass
 class LogConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    progress: bool = True
+    # extra metric destinations: any of jsonl (always written), tensorboard, wandb (mmpretrain.report_backends)
+    report_to: List[str] = field(default_factory=list)
+    # rank 0's console at each logged step: auto (a bar on a terminal, lines on a file / pipe) | bar | lines | off
+    # (the per-rank log files always get the lines; true / false of older configs mean auto / off)
+    progress: str = "auto"
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    output_dir: str = "runs/default"
-    seed: int = 0
+    name: str = "run"  # the run's name: wandb run name, default SLURM job name
+    output_dir: str = "runs/default"  # checkpoints, logs, metrics.jsonl and the saved config.yaml go here
+    seed: int = 0  # seeds the initial weights, the data order and augmentation
     # modules imported (`module`) or functions called (`module:function`) before anything is built:
     # extra modalities, tower kinds, test hooks (mmpretrain.plugins)
     plugins: List[str] = field(default_factory=list)
@@ -302,15 +313,15 @@ class GenerationConfig:
     """Caption decoding (mmpretrain.generation): greedy / beam / sampling."""
 
     max_new_tokens: int = 64  # capped by data.text_max_len - 1
-    min_new_tokens: int = 0
-    num_beams: int = 1
+    min_new_tokens: int = 0  # EOS is suppressed before this many tokens
+    num_beams: int = 1  # beam search width; 1 = greedy (or sampling)
     length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
-    do_sample: bool = False
-    temperature: float = 1.0
+    do_sample: bool = False  # sample instead of greedy / beam search
+    temperature: float = 1.0  # sampling temperature
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off (CTRL-style, on tokens generated so far)
-    seed: int = 0
+    seed: int = 0  # seed of the sampling generator
 
 
 @dataclass
@@ -367,6 +378,7 @@ _CHOICES = {
     "train.zero_stage": (0, 1, 2, 3),
     "train.compile": ("off", "inductor", "aot_eager", "eager"),
     "log.wandb.mode": ("disabled", "offline", "online"),
+    "log.progress": ("auto", "bar", "lines", "off"),  # mmpretrain.console.PROGRESS_MODES
     "model.vision.stem": ("patch", "conv"),
     "data.audio_augment.placement": ("repeat", "random"),
     "model.attention_backend": ("auto", "sdpa", "triton", "flash", "reference"),
@@ -453,6 +465,16 @@ _PAIR_RANGES = {
 }
 
 
+REPORT_TO = ("jsonl", "tensorboard", "wandb")  # log.report_to names (mmpretrain.report_backends)
+
+
+def _check_report_to(cfg: Config) -> None:
+    for name in cfg.log.report_to:
+        if name not in REPORT_TO:
+            raise ConfigError(f"config key 'log.report_to' = {list(cfg.log.report_to)} names unknown backend "
+                              f"{name!r}; choose from {list(REPORT_TO)}")
+
+
 def _check_pairs(cfg: Config) -> None:
     for key, (lo, hi) in _PAIR_RANGES.items():
         v = list(_get(cfg, key))
@@ -513,6 +535,8 @@ def validate(cfg: Config) -> None:
     if bad_float:
         allowed = f"; allowed {_range_text(bad_float)}" if bad_float in _RANGES else ""
         raise ConfigError(f"config key '{bad_float}' = {_get_dotted(cfg, bad_float)!r} is not a finite number{allowed}")
+    if str(cfg.log.progress).lower() in ("true", "false"):  # a bool before it had modes: true = auto, false = off
+        cfg.log.progress = "auto" if str(cfg.log.progress).lower() == "true" else "off"
     for key, allowed in _CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed and "off" in allowed and str(value).lower() == "false":
@@ -534,6 +558,7 @@ def validate(cfg: Config) -> None:
         _check_tower_init(f"model.{section}", t)
     _check_text_tokenizer(cfg)
     _check_pairs(cfg)
+    _check_report_to(cfg)
     for key in ("data.image_mean", "data.image_std"):
         v = _get(cfg, key)
         if v is not None and (len(v) != 3 or (key.endswith("std") and min(v) <= 0)):
@@ -768,6 +793,19 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
         merged = _merge(merged, OmegaConf.create(raw), f"config file '{path}'")
+    return _finish(_merge_overrides(merged, overrides))
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """`cfg` with dotted overrides, parsed, merged and validated exactly as load_config does them
+    (mmpretrain.evaluate's overrides on a saved config). Raises ConfigError."""
+    if not overrides:
+        return cfg
+    base = _merge(OmegaConf.structured(Config), OmegaConf.create(to_dict(cfg)), "saved config")
+    return _finish(_merge_overrides(base, overrides))
+
+
+def _merge_overrides(merged: Any, overrides: Sequence[str]) -> Any:
     for o in parse_overrides(overrides):
         key, value = o.split("=", 1)
         try:
@@ -775,6 +813,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         except OmegaConfBaseException as e:
             raise ConfigError(f"override '{o}' cannot be parsed: {e}") from None
         merged = _merge(merged, dot, f"override '{key}={value}'")
+    return merged
+
+
+def _finish(merged: Any) -> Config:
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:

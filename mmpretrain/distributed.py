@@ -214,6 +214,30 @@ def init(info: DistInfo, timeout_minutes: float = 5.0) -> None:
     deepspeed.init_distributed(
         dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False
     )
+    _unlink_shm_buffers(info)
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_buffer_path(info: DistInfo) -> str:
+    """The shared-memory file DeepSpeed's CPU comm op creates for this rank when every rank is on one
+    host (deepspeed/ops/csrc/cpu/comm/shm.cpp: deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK, 67 MB)."""
+    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{info.master_addr}_{info.master_port}"
+                                 f"_{info.rank}")
+
+
+def _unlink_shm_buffers(info: DistInfo) -> None:
+    """DeepSpeed never unlinks its shm buffers: each run on a fresh port left 67 MB per rank in
+    /dev/shm for good (a test suite filled 17 GB). Once every rank has mapped every peer's buffer
+    (they do so inside init_distributed; the barrier says all have returned), unlink ours: the
+    mappings stay valid, and nothing is left behind, not even by a SIGKILL."""
+    if info.world_size > 1:
+        dist.barrier()  # on every rank alike (a stale file of an older run must not decide who waits)
+    try:
+        os.unlink(shm_buffer_path(info))
+    except FileNotFoundError:
+        pass
 
 
 def is_initialized() -> bool:

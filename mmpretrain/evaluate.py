@@ -1,5 +1,6 @@
 """`python -m mmpretrain.evaluate --checkpoint DIR --data URLS [...]`: retrieval, zero-shot
-classification, linear probes and captioning of a trained model, printed as JSON.
+classification, linear probes and captioning of a trained model, printed as a table (--json: as
+JSON; --out FILE also writes the JSON).
 
 DIR is an export (model.safetensors + config.json + tokenizer), a training checkpoint
 (`checkpoints/step_N`), or a run directory (its latest checkpoint). Runs on one process or
@@ -15,13 +16,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple
 
 import torch
-from omegaconf import OmegaConf
-
 from mmpretrain import distributed as D
-from mmpretrain.config import Config, ConfigError, from_dict, to_dict
+from mmpretrain.cli import add_config_flags, config_epilog
+from mmpretrain.config import Config, ConfigError, apply_overrides, from_dict, to_dict, to_yaml
 from mmpretrain.eval.suite import TASKS, EvalOptions, EvalSuite
+from mmpretrain.eval.results_table import format_results
 from mmpretrain.eval.zeroshot import load_class_names
-from mmpretrain.loading import load_model
+from mmpretrain.loading import load_model, saved_config
+from mmpretrain.overrides import parse_cli
 
 log = logging.getLogger("mmpretrain.evaluate")
 
@@ -32,18 +34,19 @@ log = logging.getLogger("mmpretrain.evaluate")
 def load_for_eval(path: str, device: Optional[torch.device] = None) -> Tuple[torch.nn.Module, Config, Any]:
     """(model in eval mode, config, tokenizer) from an export, a checkpoint or a run directory
     (mmpretrain.loading.load_model; device None: the CPU). DeepSpeed's checkpoint converter's
-    progress goes to stderr (stdout is JSON)."""
+    progress goes to stderr (stdout holds only the result)."""
     return load_model(path, device or "cpu")
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mmpretrain.evaluate", description=__doc__,
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmpretrain-evaluate", description=__doc__, epilog=config_epilog("the checkpoint's saved config"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="export dir, checkpoint dir or run dir")
-    p.add_argument("--data", required=True, help="eval shard URLs (brace patterns, dirs, `a::b`)")
+    p.add_argument("--data", help="eval shard URLs (brace patterns, dirs, `a::b`); required")
+    add_config_flags(p, "the checkpoint's saved config plus the overrides")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--class-names", help="json list (or text file, one a line) of class names in label order")
@@ -56,12 +59,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "shards (default eval.probe_train_max)")
     p.add_argument("--caption-samples", type=int, help="captions per modality (0 = all; default eval.caption_samples)")
     p.add_argument("--caption-attributes", choices=["demo"], help="also score the demo data's attribute words")
-    p.add_argument("--num-beams", type=int)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--num-beams", type=int, help="beam width of the captioning (default eval.generation.num_beams)")
+    p.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default "
+                   "eval.generation.max_new_tokens)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    p.add_argument("--out", help="also write the JSON here (with or without --json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.num_workers=0")
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.num_workers=0 (anywhere on "
+                   "the line, as in training: `key=value` is never a template)")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = build_parser()
+    args = parse_cli(p, argv)
+    if args.data is None and not args.print_config:  # --print-config reads no data
+        p.error("the following arguments are required: --data")
+    return args
 
 
 def _positive(v: str) -> int:
@@ -71,8 +85,25 @@ def _positive(v: str) -> int:
     return n
 
 
+def _resolve_config(cfg: Config, args: argparse.Namespace) -> Config:
+    """The saved config with the command line's overrides and --probe-group-key."""
+    cfg = apply_overrides(cfg, args.overrides)  # parsed, merged and refused as mmpretrain.train does
+    if args.probe_group_key is not None:  # through the config: the loaders read the field into batches
+        d = to_dict(cfg)
+        d["eval"]["probe_group_key"] = args.probe_group_key
+        cfg = from_dict(d)  # validated: an empty key is refused
+    return cfg
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.print_config:  # the config the evaluation would use; no weights read, no model built
+        try:
+            sys.stdout.write(to_yaml(_resolve_config(saved_config(args.checkpoint), args)))
+        except (ConfigError, FileNotFoundError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     info = D.discover()
     if info.world_size > 1:
@@ -80,13 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     try:
         model, cfg, tok = load_for_eval(args.checkpoint, device)
-        if args.overrides:
-            merged = OmegaConf.merge(OmegaConf.create(to_dict(cfg)), OmegaConf.from_dotlist(args.overrides))
-            cfg = from_dict(OmegaConf.to_container(merged))
-        if args.probe_group_key is not None:  # through the config: the loaders read the field into batches
-            d = to_dict(cfg)
-            d["eval"]["probe_group_key"] = args.probe_group_key
-            cfg = from_dict(d)  # validated: an empty key is refused
+        cfg = _resolve_config(cfg, args)
     except (ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -117,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"warning: {refused}", file=sys.stderr)
     if info.is_main:
         text = json.dumps(res, indent=1)
-        print(text)
+        print(text if args.json else format_results(res), end="\n" if args.json else "")
         if args.out:
             Path(args.out).write_text(text + "\n")
     D.barrier()

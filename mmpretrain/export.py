@@ -93,11 +93,13 @@ def share_readable(root: Path) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mmpretrain.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mmpretrain.cli import tool_epilog
+
+    p = argparse.ArgumentParser(prog="mmpretrain-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=tool_epilog("config.json keeps the run's config under \"config\"."))
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step_XXXXXXXX dir")
     p.add_argument("--out", required=True, help="export directory (replaced if it exists)")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the saved weights (default fp32)")
     p.add_argument("--clip", default="auto", choices=export_clip.CLIP_MODES,
                    help="also write the image-text towers as a transformers.CLIPModel into OUT/clip: auto = when "
                         "the towers map onto CLIP exactly (else say why and skip), require = fail when not, off")

@@ -191,6 +191,9 @@ def export_clip(loaded: Any, out_dir: "str | Path", dtype: torch.dtype = torch.f
     model.save_pretrained(str(out), safe_serialization=True)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(cfg), indent=1) + "\n")
     tok.save(str(out), cfg.data.text_max_len)
+    from mmpretrain.export import share_readable  # lazy: export imports this module
+
+    share_readable(out)  # safetensors writes 0600: teammates could not read a CLIP directory written on its own
 
     return out
 

@@ -12,6 +12,7 @@ Hook = Callable[..., None]
 
 POINTS: Dict[str, str] = {
     "checkpoint.rank_files_written": "step, rank: this rank's checkpoint files are written, the save is not committed",
+    "checkpoint.async_write": "step, rank, path: train.async_save's background writer is about to write one file",
     "train.startup": "rank: start-up, after the process group and the run lock, before the model is built",
     "train.step_start": "step (the step about to run), rank: the top of a training step",
     "train.teardown": "rank: after the final save and the trainer's close, before the exit code is returned",

@@ -92,7 +92,21 @@ def load_model(path: "str | Path", device: "str | torch.device | None" = None) -
     return loaded.model.to(dev).eval(), loaded.cfg, loaded.tokenizer
 
 
-def _read_export(d: Path) -> Tuple[Config, Any, Dict[str, torch.Tensor]]:
+def saved_config(path: "str | Path") -> Config:
+    """The config `load(path)` rebuilds the model from, without reading weights or building the
+    model (`mmpretrain-evaluate --print-config`). Raises as `load` does for a wrong path."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    if is_export(p):
+        return _export_config(p)
+    if (p / EXPORT_CONFIG).is_file():
+        raise FileNotFoundError(f"{p} is not an export: {EXPORT_WEIGHTS} is missing "
+                                "(make one with python -m mmpretrain.export)")
+    return _checkpoint_config(ckpt_lib.resolve_checkpoint(p))
+
+
+def _export_config(d: Path) -> Config:
     if not (d / EXPORT_CONFIG).is_file():
         raise FileNotFoundError(f"{d} is not an export: {EXPORT_CONFIG} is missing "
                                 "(make one with python -m mmpretrain.export)")
@@ -101,7 +115,11 @@ def _read_export(d: Path) -> Tuple[Config, Any, Dict[str, torch.Tensor]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportFileError(f"export file '{d / EXPORT_CONFIG}' is not a JSON file ({e})") from None
     # towers: init random (the weights are below), HF ones from the export's copy of their config
-    cfg = for_rebuild(from_dict(meta.get("config", meta)), d)
+    return for_rebuild(from_dict(meta.get("config", meta)), d)
+
+
+def _read_export(d: Path) -> Tuple[Config, Any, Dict[str, torch.Tensor]]:
+    cfg = _export_config(d)
     tok_dir = d / EXPORT_TOKENIZER
     tok = build_tokenizer(str(tok_dir)) if tok_dir.is_dir() else tokenizer_for(cfg)
     sd = {k: v.float() for k, v in _load_safetensors(d / EXPORT_WEIGHTS).items()}
@@ -119,9 +137,13 @@ def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
                               "re-export it with python -m mmpretrain.export") from None
 
 
-def _read_checkpoint(ckpt: Path) -> Tuple[Config, Any, Dict[str, torch.Tensor]]:
+def _checkpoint_config(ckpt: Path) -> Config:
     # a checkpoint's run directory holds the HF towers' configs (trainer: save_tower_assets)
-    cfg = for_rebuild(load_config(str(ckpt / "config.yaml")), ckpt.parent.parent)
+    return for_rebuild(load_config(str(ckpt / "config.yaml")), ckpt.parent.parent)
+
+
+def _read_checkpoint(ckpt: Path) -> Tuple[Config, Any, Dict[str, torch.Tensor]]:
+    cfg = _checkpoint_config(ckpt)
     tok = tokenizer_for(cfg)
     # DeepSpeed's ZeRO converter prints progress to stdout; CLIs print their results there
     with contextlib.redirect_stdout(sys.stderr):

@@ -1,17 +1,19 @@
-"""Run logging: a log file per rank; on rank 0 the console (progress with ETA),
-metrics.jsonl and wandb (online, offline or disabled)."""
+"""Run logging: a log file per rank; on rank 0 the console (progress line or bar, end-of-run
+summary: mmpretrain.console), metrics.jsonl and the log.report_to backends (tensorboard, wandb:
+mmpretrain.report_backends))."""
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
-from mmpretrain.config import Config, to_dict
+from mmpretrain import console as C
+from mmpretrain import report_backends
+from mmpretrain.config import Config
 
 log = logging.getLogger("mmpretrain")
 
@@ -30,6 +32,8 @@ def setup_logging(output_dir: str, rank: int) -> None:
     root.addHandler(fh)
     if rank == 0:
         ch = logging.StreamHandler(sys.stdout)
+        ch.set_name(C.CONSOLE_HANDLER)  # mmpretrain.console draws its bar on this handler's stream
+        ch.addFilter(lambda r: getattr(r, "console", True))  # records logged with extra=C.FILE_ONLY
         ch.setFormatter(fmt)
         root.addHandler(ch)
 
@@ -50,26 +54,16 @@ class MetricsLogger:
         self.total = total_steps
         self.start_step = start_step
         self.t0 = time.time()
-        self.wandb = None
+        self.backends: List[report_backends.Backend] = []  # log.report_to: tensorboard / wandb (mmpretrain.report_backends)
         self.path = Path(cfg.run.output_dir) / "metrics.jsonl"
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(self.path, "a", buffering=1)
-        if cfg.log.wandb.mode != "disabled":
-            import wandb  # optional ([wandb] extra)
-
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(
-                project=cfg.log.wandb.project,
-                entity=cfg.log.wandb.entity,
-                name=cfg.run.name,
-                mode=cfg.log.wandb.mode,
-                dir=cfg.run.output_dir,
-                config=to_dict(cfg),
-                resume="allow",
-                id=f"{cfg.run.name}-{abs(hash(cfg.run.output_dir)) % 10**8}",
-            )
+        self.summary = C.RunSummary()  # what the end-of-run block reports (finish())
+        self.progress = C.Progress(cfg.log.progress, start_step, total_steps)
+        # the wandb run id and the tensorboard step axis continue across resumes / requeues
+        self.backends = report_backends.build(cfg, start_step)
 
     def log(self, record: Dict[str, Any], console: bool = True) -> None:
         if not self.enabled:
@@ -77,40 +71,37 @@ class MetricsLogger:
         rec = {k: _jsonable(v) for k, v in record.items()}
         rec.setdefault("time", round(time.time(), 3))
         self.fh.write(json.dumps(rec) + "\n")
-        if self.wandb is not None:
-            step = rec.get("step")
-            self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
+        if "step" in record:  # the raw record: NaN / inf stay numbers for the charts
+            for b in self.backends:
+                b.log(int(record["step"]), record)
+        self.summary.add(rec)
         if console and "step" in rec and rec.get("kind", "train") == "train":
-            log.info(self._progress_line(rec))
+            self.progress.show(rec, self.total)  # log.progress: a line, a bar, or the log file only
 
-    def _progress_line(self, rec: Dict[str, Any]) -> str:
-        step = rec["step"]
-        done = max(step - self.start_step, 1)
-        elapsed = time.time() - self.t0
-        eta = elapsed / done * max(self.total - step, 0)
-        parts = [f"step {step}/{self.total}", f"loss {_fmt(rec.get('loss'), '.4f')}"]
-        for k in sorted(rec):
-            if k.startswith("loss/"):
-                parts.append(f"{k[5:]} {_fmt(rec[k], '.3f')}")
-        parts += [f"lr {_fmt(rec.get('lr', 0), '.2e')}", f"{_fmt(rec.get('samples_per_s', 0), '.1f')} samples/s"]
-        if rec.get("tflops_per_device") is not None:
-            parts.append(f"{rec['tflops_per_device']:.3g} TFLOP/s/device"
-                         + (f" (MFU {100 * rec['mfu']:.1f}%)" if rec.get("mfu") is not None else ""))
-        if rec.get("peak_mem_mib") is not None:
-            parts.append(f"peak mem {rec['peak_mem_mib']:.0f} MiB")
-        parts.append(f"ETA {eta:.0f}s")
-        if rec.get("nonfinite_steps"):
-            parts.append(f"{rec['nonfinite_steps']} non-finite steps skipped")
-        return " | ".join(parts)
+    def finish(self, status: str, step: int, samples_seen: int, session_samples: int, world_size: int,
+               checkpoint: Optional[Path]) -> Optional[Dict[str, Any]]:
+        """End of the run (rank 0): the summary block on the console and the log, and a final
+        `{"event": "summary", "kind": "summary", ...}` record in metrics.jsonl (tools read it)."""
+        if not self.enabled:
+            return None
+        self.progress.close()
+        rec = self.summary.record(status, step, self.total, samples_seen, step - self.start_step, session_samples,
+                                  time.time() - self.t0, world_size, str(checkpoint) if checkpoint else None,
+                                  str(self.path))
+        rec["time"] = round(time.time(), 3)
+        self.fh.write(json.dumps(rec) + "\n")  # metrics.jsonl only: no chart wants a summary point
+        for line in C.summary_lines(rec):
+            log.info(line)
+        return rec
 
     def close(self) -> None:
         if not self.enabled:
             return
+        self.progress.close()
         self.fh.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _fmt(v: Any, spec: str) -> str:
-    """A number with `spec`; anything else (None, 'NaN' after _jsonable) as it is."""
-    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+        for b in self.backends:  # one failing backend must not keep the others (or the run) from closing
+            try:
+                b.close()
+            except Exception as e:  # noqa: BLE001
+                log.warning("closing %s failed: %s", type(b).__name__, e)
+        self.backends = []

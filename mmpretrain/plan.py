@@ -377,11 +377,14 @@ def format_plan(p: Dict[str, Any]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mmpretrain-plan", description=__doc__,
+    from mmpretrain.cli import CONFIG_EPILOG, add_config_flags
+
+    p = argparse.ArgumentParser(prog="mmpretrain-plan", description=__doc__, epilog=CONFIG_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the run's YAML config")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    add_config_flags(p)
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the cluster (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one rank each (default 8)")
     p.add_argument("--gpu", default="h100", choices=sorted(GPUS), help="device table entry (default h100)")
     p.add_argument("--peak-tflops", type=float, help="override the device's peak TFLOP/s")
     p.add_argument("--mem-gib", type=float, help="override the device's memory")
@@ -403,6 +406,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         cfg = load_config(a.config, a.overrides)
+        if a.print_config:  # what would be planned; nothing built
+            from mmpretrain.config import to_yaml
+
+            sys.stdout.write(to_yaml(cfg))
+            return 0
         if a.vocab_size:
             vocab = a.vocab_size
         else:

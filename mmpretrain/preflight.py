@@ -29,6 +29,7 @@ def check(cfg: Config, config_path: Optional[str] = None, env: Optional[Mapping[
     check_towers(cfg)
     check_deepspeed(cfg)
     check_resume(cfg.train.resume)
+    check_report_to(cfg, env)
     check_port(env)
 
 
@@ -138,6 +139,15 @@ def check_deepspeed(cfg: Config) -> None:
     from mmpretrain.engine import deepspeed_overrides, deepspeed_overrides_problem
 
     problem = deepspeed_overrides_problem(deepspeed_overrides(cfg))
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_report_to(cfg: Config, env: Optional[Mapping[str, str]] = None) -> None:
+    """log.report_to / log.wandb.mode: the packages of the requested backends are installed."""
+    from mmpretrain.report_backends import missing_packages
+
+    problem = missing_packages(cfg, env)
     if problem:
         raise ConfigError(problem)
 

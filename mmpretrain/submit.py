@@ -4,6 +4,8 @@ it and record the job id in the run directory. `mmpretrain-submit --help` lists 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import shlex
 import subprocess
@@ -11,11 +13,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
-from mmpretrain.config import ConfigError, load_config
+from mmpretrain.cli import CONFIG_EPILOG, add_config_flags
+from mmpretrain.config import ConfigError, load_config, to_yaml
 from mmpretrain.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
 from mmpretrain.lifecycle import PEER_LOST_EXIT_CODE
+from mmpretrain.overrides import parse_cli
 from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
 
 JOBS_FILE = "slurm_jobs.txt"  # in the run directory: one "job_id<TAB>submitted<TAB>script" line per submission
@@ -63,6 +67,7 @@ class JobSpec:
     gpus_per_node: int = 1
     procs_per_node: int = 1  # training processes per node (= GPUs per node on GPU machines)
     cpus_per_task: Optional[int] = None
+    loader_workers: Optional[int] = None  # data.num_workers, when cpus_per_task was derived from it
     mem: Optional[str] = None
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -109,6 +114,22 @@ class JobSpec:
                 raise SubmitError(f"--sbatch-arg {a!r} must be one sbatch option such as --exclusive or --mail-type=END")
         if any("\n" in s for s in self.setup):
             raise SubmitError("--setup takes one shell line per flag (use --setup-file for a block)")
+
+    def resources(self) -> str:
+        """What the job asks SLURM for, printed before it is submitted."""
+        torchrun = self.launcher == "torchrun"
+        tasks = (f"1 (torchrun starts {self.procs_per_node} training processes in each)" if torchrun
+                 else f"{self.procs_per_node} (one training process each)")
+        cpus = str(self.cpus_per_task) if self.cpus_per_task else "SLURM's default"
+        if self.loader_workers is not None:
+            per = f"data.num_workers {self.loader_workers} + 1"
+            cpus += f" ({self.procs_per_node} processes x ({per}))" if torchrun else f" ({per})"
+        gpus = f"{self.gpus_per_node} ({self.gpus_per_node * self.nodes} in all)" if self.gpus_per_node else "none"
+        rows = [("nodes", str(self.nodes)), ("tasks per node", tasks), ("cpus per task", cpus),
+                ("gpus per node", gpus), ("time", self.time_limit or "the partition's default"),
+                ("partition", self.partition or "the cluster's default")]
+        rows += [(k, v) for k, v in (("mem", self.mem), ("account", self.account), ("qos", self.qos)) if v]
+        return "resources asked for:\n" + "\n".join(f"  {k:<16}{v}" for k, v in rows) + "\n"
 
     # ------------------------------------------------------------------ rendering
     def _header(self) -> List[str]:
@@ -253,14 +274,18 @@ def render_template(launcher: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmpretrain-submit", description=__doc__.splitlines()[0])
+    # the whole docstring: its first line alone stopped mid-sentence
+    p = argparse.ArgumentParser(prog="mmpretrain-submit", description=__doc__, epilog=CONFIG_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="run config (YAML); validated before anything is submitted (required)")
+    add_config_flags(p)
     p.add_argument("overrides", nargs="*", help="dotted config overrides, passed on to mmpretrain.train")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=1, help="0 for CPU nodes (then set --procs-per-node)")
     p.add_argument("--procs-per-node", type=int, default=None, help="training processes per node [gpus-per-node]")
     p.add_argument("--cpus-per-task", type=int, default=None,
-                   help="SLURM CPUs per task: per node with torchrun, per process with --launcher srun")
+                   help="SLURM CPUs per task: per node with torchrun, per process with --launcher srun "
+                        "[data.num_workers + 1 per training process]")
     p.add_argument("--mem", default=None, help="SLURM --mem, e.g. 200G")
     for name in ("partition", "account", "qos", "constraint"):
         p.add_argument(f"--{name}", default=None)
@@ -276,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default=sys.executable, help="python on the compute nodes [%(default)s]")
     p.add_argument("--workdir", default=None, help="directory the job starts in [current directory]")
     p.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    p.add_argument("--no-shard-check", action="store_true",
+                   help="skip checking that data.train's local shards exist here (for data only the compute nodes mount)")
     p.add_argument("--template", choices=TEMPLATES,
                    help="print launch/slurm/<TEMPLATE>.sbatch (CONFIG, RUN_DIR, ... from the environment); needs no --config")
     return p
@@ -300,16 +327,59 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
             raise SubmitError(f"--setup-file {args.setup_file!r}: {e.strerror}") from None
     gpus = args.gpus_per_node
     procs = args.procs_per_node if args.procs_per_node is not None else gpus
+    cpus, workers = args.cpus_per_task, None
+    if cpus is None:  # each rank and its loader workers a CPU each (SLURM's default is 1 per task)
+        workers = cfg.data.num_workers
+        cpus = (workers + 1) * (max(procs, 1) if args.launcher == "torchrun" else 1)
     spec = JobSpec(
         config=str(cfg_path.resolve()), run_dir=str(run_dir), overrides=list(args.overrides),
         job_name=args.job_name or cfg.run.name, nodes=args.nodes, gpus_per_node=gpus, procs_per_node=procs,
-        cpus_per_task=args.cpus_per_task, mem=args.mem, partition=args.partition, account=args.account,
+        cpus_per_task=cpus, loader_workers=workers, mem=args.mem, partition=args.partition, account=args.account,
         qos=args.qos, constraint=args.constraint, time_limit=args.time, launcher=args.launcher,
         signal_seconds=args.signal_seconds, setup=setup, sbatch_args=list(args.sbatch_arg),
         python=args.python, workdir=str(workdir),
     )
     spec.validate()
+    if not args.no_shard_check:
+        check_train_shards(cfg.data.train, workdir)
     return spec
+
+
+@contextlib.contextmanager
+def _in_dir(path: str) -> Iterator[None]:
+    """chdir for a block (contextlib.chdir needs Python 3.11; clusters may run 3.9)."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def check_train_shards(sources: Sequence[object], workdir: Path) -> None:
+    """data.train lists sources, and each local shard exists as the job will see it (relative to
+    `workdir`; brace patterns, `a::b`, directories and globs expanded as the data code does). Only
+    existence: the job's own preflight reads them. Remote URLs (pipe:, http, s3) are not looked at."""
+    from mmpretrain.data.shards import expand_urls, local_path  # torch-free
+
+    if not sources:
+        raise SubmitError("config key 'data.train' lists no sources: the job would queue, start and stop at "
+                          "once; give e.g. data.train=[{name: a, urls: 'shards/a-{000000..000009}.tar'}]")
+    for i, src in enumerate(sources):
+        key, urls_value = f"data.train[{i}].urls", getattr(src, "urls")
+        with _in_dir(workdir):  # relative paths, directories and globs as the job resolves them
+            try:
+                urls = expand_urls(urls_value)
+            except ValueError as e:  # unbalanced braces and other expansion errors
+                raise SubmitError(f"config key '{key}' = {urls_value!r} cannot be expanded: {e}") from None
+            local = [p for p in map(local_path, urls) if p is not None]
+            missing = [p for p in local if not os.path.isfile(p)]
+        if not urls:
+            raise SubmitError(f"config key '{key}' = {urls_value!r} matches no shards (seen from {workdir})")
+        if missing:
+            raise SubmitError(f"config key '{key}': shard '{missing[0]}' does not exist (seen from {workdir} on "
+                              f"this host; {len(missing)} of {len(urls)} shards missing); fix the path, or pass "
+                              "--no-shard-check when only the compute nodes mount the data")
 
 
 def submit(spec: JobSpec, script: str, sbatch: str = "sbatch") -> str:
@@ -335,18 +405,28 @@ def submit(spec: JobSpec, script: str, sbatch: str = "sbatch") -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_cli(parser, argv)  # `key=value` anywhere is an override, as in mmpretrain.train
     if args.template:
         sys.stdout.write(render_template(args.template))
         return 0
     if args.config is None:
         parser.error("the following arguments are required: --config")
+    if args.print_config:  # what the job will train with; nothing rendered or submitted
+        try:
+            sys.stdout.write(to_yaml(load_config(args.config, args.overrides)))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         spec = spec_from_args(args)
         script = spec.render()
         if args.dry_run:
+            sys.stderr.write(spec.resources())  # stdout stays the script alone
             sys.stdout.write(script)
             return 0
+        sys.stdout.write(spec.resources())
+        sys.stdout.flush()
         job_id = submit(spec, script)
     except (SubmitError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,16 +10,26 @@ import sys
 from typing import Optional, Sequence
 
 from mmpretrain import preflight
-from mmpretrain.config import ConfigError, load_config
+from mmpretrain.cli import CONFIG_EPILOG, add_config_flags
+from mmpretrain.config import ConfigError, load_config, to_yaml
+from mmpretrain.overrides import parse_cli
 from mmpretrain.preemption import install_early
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mmpretrain.train", description=__doc__)
-    p.add_argument("--config", help="YAML run config (configs/*.yaml)")
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmpretrain-train", description=__doc__, epilog=CONFIG_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML run config (configs/*.yaml); without it the schema's defaults")
+    add_config_flags(p)
     # the deepspeed launcher appends --local_rank=N; discovery reads LOCAL_RANK instead
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = build_parser()
+    return parse_cli(p, argv)  # `key=value` is an override wherever it stands (shared with evaluate, submit)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -29,6 +39,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)  # refused before any process group starts
+        if args.print_config:  # the schema's checks only: shards and paths need not exist yet
+            sys.stdout.write(to_yaml(cfg))
+            return 0
         # shards, tokenizer, resume path, run directory, master port: still nothing built or written
         preflight.check(cfg, args.config)
     except ConfigError as e:

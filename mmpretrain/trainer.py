@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import random
+import socket
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from mmpretrain import lifecycle  # notes the launcher's pid at import (lifecycle.PARENT_AT_IMPORT)
 from mmpretrain import checkpoint as ckpt_lib
 from mmpretrain import distributed as D
-from mmpretrain import faults, host_malloc, modalities, preemption
+from mmpretrain import console, faults, host_malloc, modalities, preemption
 from mmpretrain.config import Config, dtype_of, to_yaml
 from mmpretrain.budget import WallClockBudget
 from mmpretrain.data.pipeline import build_train_loader
@@ -97,6 +98,7 @@ class Trainer:
         self.total_steps = self.budget.total
         self._closed = False
         self.metrics = MetricsLogger(cfg, info.rank, self.total_steps, start_step=self.step)
+        self.session_start_samples = self.samples_seen  # the end-of-run summary's samples/s counts this session's
         self.flops = FlopMeter(cfg.train.peak_tflops)
         self._truncation_warned: set = set()  # sources already warned about (_warn_truncation)
         if watcher is None:  # run() installs it first thing (a signal during start-up is kept)
@@ -195,6 +197,7 @@ class Trainer:
         rec["samples_per_s_per_device"] = rec["samples_per_s"] / self.info.world_size
         rec.update(self.flops.figures(rec["samples_per_s_per_device"]))  # FLOPs / sample, TFLOP/s, MFU
         rec["peak_mem_mib"] = peak_memory_mib(self.engine.device)
+        rec["peak_mem_kind"] = "cuda_allocated" if self.engine.device.type == "cuda" else "host_rss"
         stats = self.loader.stats()
         for k, v in stats.items():
             rec[f"data/{k}"] = v
@@ -238,6 +241,9 @@ class Trainer:
         self.budget.note_eval(time.perf_counter() - t0)
         self._beat()
         if self.info.is_main:
+            headline = console.eval_headline(res)  # R@1 of each direction, zero-shot accuracy
+            if headline:
+                log.info("eval step %d: %s", self.step, headline)
             for line in summary_lines(res):
                 log.info("eval step %d: %s", self.step, line)
         self.metrics.log({"kind": "eval", "step": self.step, **res}, console=False)
@@ -294,6 +300,15 @@ class Trainer:
         what = "saved" if saved else f"nothing new trained, not saved (last checkpoint: {self.checkpointer.latest()})"
         raise Preempted(f"preempted at step {self.step} ({self.watcher.describe()}); {what}")
 
+    def summarize(self, status: str) -> None:
+        """Rank 0: the end-of-run summary block and metrics.jsonl's summary record (mmpretrain.console).
+        A report only: whatever goes wrong in it is logged, never changes how the run ends."""
+        try:
+            self.metrics.finish(status, self.step, self.samples_seen, self.samples_seen - self.session_start_samples,
+                                self.info.world_size, self.checkpointer.latest() if self.info.is_main else None)
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk under metrics.jsonl
+            log.warning("end-of-run summary failed: %s: %s", type(e).__name__, e)
+
     def close(self) -> None:
         """Idempotent: signal handlers, metrics file / wandb, loader workers."""
         if self._closed:
@@ -301,6 +316,7 @@ class Trainer:
         self._closed = True
         # the preemption handlers stay: a TERM during teardown (after the final save) only sets the
         # flag, which nothing reads any more, so the run still ends with its own exit code
+        self.checkpointer.close()  # train.async_save: a pending background write is committed first
         self.metrics.close()
         self.loader.close()
 
@@ -356,7 +372,8 @@ def _run_locked(cfg: Config, info: D.DistInfo, watcher: PreemptionWatcher, lock:
         (out / "config.yaml").write_text(to_yaml(cfg))
         save_tower_assets(cfg, out)  # HF towers' configs / tokenizer / processor: checkpoints rebuild without hf_path
         (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # this is the requeued run
-    log.info("launcher=%s rank=%d/%d local_rank=%d", info.launcher, info.rank, info.world_size, info.local_rank)
+    log.info("launcher=%s rank=%d/%d local_rank=%d host=%s master=%s:%s", info.launcher, info.rank, info.world_size,
+             info.local_rank, socket.gethostname(), info.master_addr, info.master_port)
     watchdog = lifecycle.Watchdog(info.rank, info.world_size, out / "logs",
                                   hang_timeout_s=cfg.train.hang_timeout_minutes * 60, parent=parent).start()
     trainer: Optional[Trainer] = None
@@ -370,7 +387,11 @@ def _run_locked(cfg: Config, info: D.DistInfo, watcher: PreemptionWatcher, lock:
             return 2
         try:
             result = trainer.run()
+            if info.is_main and result.get("after"):
+                print(format_table(result.get("before"), result["after"]), flush=True)
+            trainer.summarize("completed")
         except Preempted as e:
+            trainer.summarize("preempted")
             log.warning("%s; exiting with code %d for requeue", e, REQUEUE_EXIT_CODE)
             if info.is_main:
                 src = watcher.source or (watcher.flag, info.rank)
@@ -380,6 +401,7 @@ def _run_locked(cfg: Config, info: D.DistInfo, watcher: PreemptionWatcher, lock:
             watcher.ignore_from_now()
             return REQUEUE_EXIT_CODE
         except NonFiniteError as e:
+            trainer.summarize("stopped: non-finite")
             log.error("%s", e)
             return NONFINITE_EXIT_CODE
         except ckpt_lib.CheckpointWriteError as e:  # every rank raises it together; the partial save is removed
@@ -387,8 +409,6 @@ def _run_locked(cfg: Config, info: D.DistInfo, watcher: PreemptionWatcher, lock:
             return ckpt_lib.CHECKPOINT_WRITE_EXIT_CODE
         finally:
             trainer.close()
-        if info.is_main and result.get("after"):
-            print(format_table(result.get("before"), result["after"]))
         D.barrier()
         faults.point("train.teardown", rank=info.rank)
         if watcher.flag:

@@ -103,3 +103,24 @@ def io_counters() -> Iterator[Dict[str, int]]:
         stack.enter_context(faults.hooked("shards.sample_read", sample))
         stack.enter_context(faults.hooked("shards.bytes_read", read))
         yield counts
+
+
+SLOW_WRITE_VAR = "FAULTKIT_SLOW_WRITE"  # seconds before each file of a background (train.async_save) write
+WRITE_LOG_VAR = "FAULTKIT_WRITE_LOG"  # optional: a file that gets "step rank time path" per background file
+
+
+def slow_async_writes() -> None:
+    """train.async_save's background writer sleeps FAULTKIT_SLOW_WRITE seconds before each file (a slow
+    disk) and notes each file in FAULTKIT_WRITE_LOG: kill trials aim at a write in progress."""
+    import time
+
+    seconds = float(os.environ[SLOW_WRITE_VAR])
+    note = os.environ.get(WRITE_LOG_VAR)
+
+    def hook(step: int, rank: int, path: str) -> None:
+        if note:
+            with open(note, "a") as f:
+                f.write(f"{step} {rank} {time.time():.3f} {os.path.basename(path)}\n")
+        time.sleep(seconds)
+
+    faults.register("checkpoint.async_write", hook)

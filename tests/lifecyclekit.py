@@ -64,6 +64,21 @@ def slow_first_run() -> None:
     faults.register("train.step_start", hook)
 
 
+HOLD_VAR = "LIFECYCLE_HOLD"  # "STEP:PATH": from that step on, every rank waits at the top of a step while PATH exists
+
+
+def hold_while_file() -> None:
+    """Hold every rank at the top of step STEP (and later ones) while a file exists: runs started at
+    different times all stand mid-run, with the same complete checkpoint, until the test removes it."""
+    at_step, path = os.environ[HOLD_VAR].split(":", 1)
+
+    def hook(step: int, rank: int) -> None:
+        while step >= int(at_step) and os.path.exists(path):
+            time.sleep(0.1)
+
+    faults.register("train.step_start", hook)
+
+
 MODULES_OUT_VAR = "LIFECYCLE_MODULES_OUT"  # a file: the heavy modules this rank had imported at teardown
 
 

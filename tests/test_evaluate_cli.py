@@ -1,8 +1,9 @@
 """`python -m mmpretrain.evaluate` end to end on tiny demo shards and an exported tiny model:
-JSON on stdout, every task present, figures equal to a direct computation, and two ranks
+a table on stdout (JSON with --json), every task present, figures equal to a direct computation, and two ranks
 giving the same result as one."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def _env():
 
 def test_cli_prints_json_with_every_task(setup):
     out = subprocess.run([sys.executable, "-m", "mmpretrain.evaluate", "--checkpoint", setup["export"], "--data",
-                          setup["data"], "--caption-attributes", "demo", "--batch-size", "16"],
+                          setup["data"], "--caption-attributes", "demo", "--batch-size", "16", "--json"],
                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout)  # stdout is pure JSON
@@ -83,11 +84,101 @@ def test_cli_refuses_probe_without_disjoint_training_items(setup):
     options, instead of training on half of eval items that may repeat."""
     out = subprocess.run([sys.executable, "-m", "mmpretrain.evaluate", "--checkpoint", setup["export"], "--data",
                           setup["data"], "--tasks", "linear_probe", "--probe-group-key", "no_such_field",
-                          "data.train=[]"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+                          "data.train=[]", "--json"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     msg = json.loads(out.stdout)["linear_probe"]["refused"]
     assert "--probe-train" in msg and "json 'no_such_field'" in msg and "data.train" in msg
     assert "warning: linear probe refused" in out.stderr
+
+
+def test_overrides_are_never_taken_as_templates():
+    """`key=value` is a config override wherever it stands (as in mmpretrain.train): a list option
+    such as --templates stops before it; the value of a one-value option stays that option's."""
+    from mmpretrain import evaluate, submit, train
+
+    a = evaluate.parse_args(["--checkpoint", "c", "--data", "d", "--templates", "a photo of {}",
+                             "data.num_workers=0"])
+    assert a.templates == ["a photo of {}"] and a.overrides == ["data.num_workers=0"]
+    a = evaluate.parse_args(["--checkpoint", "c", "eval.caption_samples=2", "--data", "d", "--templates", "{}",
+                             "a {} sound", "data.train=[{name: a, urls: 'x y.tar'}]", "--out", "x=y.json",
+                             "--tasks=retrieval"])
+    assert a.templates == ["{}", "a {} sound"] and a.out == "x=y.json" and a.tasks == "retrieval"
+    assert a.overrides == ["eval.caption_samples=2", "data.train=[{name: a, urls: 'x y.tar'}]"]
+    assert evaluate.parse_args(["--check", "c", "--data", "d=e"]).data == "d=e"  # an abbreviated option keeps its value
+    t = train.parse_args(["--config", "a=b.yaml", "optim.lr=3e-4", "train.steps=3"])
+    assert t.config == "a=b.yaml" and t.overrides == ["optim.lr=3e-4", "train.steps=3"]
+    s = submit.build_parser()
+    assert submit.parse_cli(s, ["--config", "c.yaml", "--setup", "X=1", "train.steps=3"]).setup == ["X=1"]
+
+
+def test_results_table_lays_out_every_task():
+    """Skipped / refused tasks say why; probe and caption rows carry their figures in aligned columns."""
+    from mmpretrain.eval.results_table import format_results
+
+    res = {"checkpoint": "exp", "data": "d.tar", "num_samples": 4,
+           "retrieval": {"image_to_text/R@1": 0.5, "image_to_text/R@5": 1.0, "image_to_text/median_rank": 1.5,
+                         "image_to_text/num_queries": 4, "image_to_text/chance": 0.25, "chance": 0.25},
+           "zeroshot": {"skipped": "no class names"},
+           "linear_probe": {"image": {"accuracy": 0.75, "macro_recall": 0.5, "macro_f1": 0.4, "num_samples": 4,
+                                      "num_train": 8},
+                            "image+audio/concat": {"accuracy": 1.0, "macro_recall": 1.0, "macro_f1": 1.0,
+                                                   "num_samples": 4, "num_train": 8},
+                            "split": {"kind": "train_shards", "description": "trained on data.train"}},
+           "captioning": {"image": {"BLEU": 0.1234, "exact_match": 0.0, "num_samples": 6,
+                                    "attribute_accuracy": {"colour": 0.5, "all": 0.25},
+                                    "examples": [{"prediction": "a red\nsquare", "reference": "a red circle"}]},
+                          "audio": {"BLEU": 0.2, "exact_match": 0.5, "num_samples": 6}}}
+    lines = format_results(res).splitlines()
+    assert lines[:3] == ["checkpoint  exp", "data        d.tar", "samples     4"]
+    i = lines.index("retrieval (a hit is the paired item)")
+    assert lines[i + 1:i + 3] == ["direction        R@1    R@5  median rank  queries  chance R@1",
+                                  "image_to_text  0.500  1.000          1.5        4       0.250"]
+    assert "zero-shot: skipped: no class names" in lines
+    i = lines.index("linear probe")
+    assert lines[i + 1:i + 5] == ["features            accuracy  macro recall  macro F1  train  test",
+                                  "image                  0.750         0.500     0.400      8     4",
+                                  "image+audio/concat     1.000         1.000     1.000      8     4",
+                                  "  trained on data.train"]
+    i = lines.index("captioning")
+    assert lines[i + 1:i + 5] == ["modality   BLEU  exact match  attributes  samples",
+                                  "image     0.123        0.000       0.250        6",
+                                  "audio     0.200        0.500           -        6",
+                                  '  image: "a red\\nsquare"  (reference "a red circle")']  # one line per example
+    assert format_results({"linear_probe": {"refused": "no split"}}) == "linear probe: refused: no split\n"
+
+
+def test_main_prints_a_table_and_json_on_request(setup, tmp_path, capsys):
+    """In process: the readable table by default (numbers as in the JSON, aligned columns), the JSON
+    with --json, --out in both cases; an override after --templates applies and is not a template."""
+    from mmpretrain import evaluate
+
+    common = ["--checkpoint", setup["export"], "--data", setup["data"], "--tasks", "retrieval,zeroshot",
+              "--templates", "a photo of {}", "data.num_workers=0"]
+    assert evaluate.main([*common, "--out", str(tmp_path / "a.json")]) == 0
+    table = capsys.readouterr().out
+    res = json.loads((tmp_path / "a.json").read_text())
+    assert res["zeroshot"]["templates"] == ["a photo of {}"]
+    lines = table.splitlines()
+    row = next(ln for ln in lines if ln.startswith("image_to_text "))
+    r = res["retrieval"]
+    assert row.split()[1:4] == [f"{r[f'image_to_text/R@{k}']:.3f}" for k in (1, 5, 10)]
+    head = next(ln for ln in lines if ln.startswith("direction "))  # the class-level retrieval table's
+
+    def ends(line):  # where each number column ends (cells are two or more spaces apart; names left-aligned)
+        return [m.end() for m in re.finditer(r"\S+(?: \S+)*", line)][1:]
+
+    assert head.split() == ["direction", "R@1", "R@5", "R@10", "median", "rank", "queries", "chance", "R@1"]
+    assert lines[lines.index(head) + 1] == row  # pair order: image_to_text first
+    assert ends(row) == ends(head) == ends(lines[lines.index(row) + 1]) and len(ends(row)) == 6
+    z = res["zeroshot"]["image"]
+    zrow = next(ln for ln in lines if ln.startswith("image ") and f"{z['accuracy']:.3f}" in ln)
+    assert zrow.split()[1:4] == [f"{z[k]:.3f}" for k in ("accuracy", "macro_recall", "macro_f1")]
+    assert not table.lstrip().startswith("{")
+    assert evaluate.main([*common, "--json", "--out", str(tmp_path / "b.json")]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "b.json").read_text())
+    # an override refused as training refuses it
+    assert evaluate.main([*common, "data.num_workerz=0"]) == 2
+    assert "override 'data.num_workerz=0': config key 'data.num_workerz' is invalid" in capsys.readouterr().err
 
 
 def test_figures_equal_direct_computation(setup):

@@ -26,6 +26,7 @@ def no_hooks():
 def sample_kwargs(name: str):
     batch = {"image": torch.zeros(2, 3)}
     return {"checkpoint.rank_files_written": dict(step=6, rank=0),
+            "checkpoint.async_write": dict(step=6, rank=0, path="step_00000006/rank_00000.pt"),
             "train.batch": dict(step=3, batch=batch, rank=0),
             "train.startup": dict(rank=0), "train.step_start": dict(step=3, rank=0), "train.teardown": dict(rank=0),
             "shards.open": dict(url="x.tar"), "shards.bytes_read": dict(url="x.tar", n=10),

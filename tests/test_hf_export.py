@@ -223,6 +223,20 @@ def test_clip_require_refuses_a_conv_stem(tmp_path, capsys):
 # ----------------------------------------------------------------------------- card and modes
 
 
+def test_clip_export_on_its_own_honours_the_umask(tmp_path, umask022):
+    """export_clip.export_clip called directly (not through export()): safetensors writes 0600 and
+    its directory is new, so it must set the modes a plain mkdir / open gives, like export()."""
+    from mmpretrain import export_clip, loading
+
+    run = fake_run(tmp_path / "run", "model.vision.stem=patch")
+    out = export_clip.export_clip(loading.load(run), tmp_path / "clip_only" / "clip")
+    entries = [out.parent, out, *out.rglob("*")]
+    assert {"model.safetensors", "config.json", "preprocessor_config.json"} <= {p.name for p in entries}
+    for p in entries:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
+
+
 def test_model_card_and_file_modes(tmp_path, umask022):
     evals = [{"kind": "eval", "step": 5, "retrieval": {"image_text": {"r@1": 0.25}}},
              {"kind": "train", "step": 7, "loss": 1.0},

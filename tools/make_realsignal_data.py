@@ -206,7 +206,8 @@ def shard_pattern(out: str, split: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the whole docstring (its first line alone dropped the rest)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--train", type=int, default=6000, help="train samples (scans and clips recur, paired afresh)")
     ap.add_argument("--train-clips", type=int, default=400, help="spoken clips per digit from the train voices")

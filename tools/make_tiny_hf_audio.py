@@ -85,10 +85,13 @@ def make_tiny_audio_dirs(out: Path, kinds: Sequence[str] = KINDS, seed: int = 0)
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="parent directory; one sub-directory per model is written")
-    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
-    p.add_argument("--seed", type=int, default=0)
+    # --only as in tools/make_tiny_hf.py; --kinds (comma-separated) is the older, hidden spelling
+    p.add_argument("--only", nargs="+", choices=KINDS, default=None, help="kinds to write (default: all)")
+    p.add_argument("--kinds", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     a = p.parse_args(argv)
-    for kind, path in make_tiny_audio_dirs(Path(a.out), [k for k in a.kinds.split(",") if k], a.seed).items():
+    kinds = a.only or ([k for k in a.kinds.split(",") if k] if a.kinds else list(KINDS))
+    for kind, path in make_tiny_audio_dirs(Path(a.out), kinds, a.seed).items():
         print(f"{kind}: {path}")
 
 

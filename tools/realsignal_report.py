@@ -23,7 +23,8 @@ from mmpretrain.loading import load  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the whole docstring (its first line alone dropped the rest)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="run dir, checkpoint or export")
     ap.add_argument("shard", help="the eval tar (one file)")
     ap.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (train.ema)")

@@ -190,8 +190,11 @@ def _worker_init(_: int) -> None:
 
 
 def _make_loader(plan: Plan, states, rotation: int, num_workers: int) -> DataLoader:
+    # its own generator: starting an iterator draws the workers' base seed, and from the global RNG
+    # that draw came after a resume restored it, putting every later draw (dropout) one ahead
+    gen = torch.Generator().manual_seed(int(plan.seed))
     return DataLoader(_SlotDataset(plan, states, rotation), batch_size=None, num_workers=num_workers,
-                      worker_init_fn=_worker_init if num_workers else None,
+                      worker_init_fn=_worker_init if num_workers else None, generator=gen,
                       prefetch_factor=2 if num_workers else None, collate_fn=_identity)
 
 

@@ -17,8 +17,18 @@ from mmpretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE
 from mmpretrain.submit import SubmitError, build_parser, main, parse_time, render_template, spec_from_args, submit
 
 
+def _shards(root: Path) -> Path:
+    """`root` holding the tiny config's train shards (data/tiny/train/train-{000000..000003}.tar,
+    relative to the job's directory) as empty files: submit checks that they exist, not their contents."""
+    d = root / "data" / "tiny" / "train"
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        (d / f"train-{i:06d}.tar").touch()
+    return root
+
+
 def _spec(tmp_path: Path, *flags: str):
-    args = build_parser().parse_args(["--config", str(TINY_CONFIG), "--workdir", str(REPO),
+    args = build_parser().parse_args(["--config", str(TINY_CONFIG), "--workdir", str(_shards(tmp_path)),
                                       *flags, f"run.output_dir={tmp_path / 'run'}"])
     return spec_from_args(args)
 
@@ -82,6 +92,9 @@ def test_master_port_matches_discovery(tmp_path):
 
 
 def test_overrides_with_quotes_survive(tmp_path):
+    (tmp_path / "a b").mkdir()
+    for i in range(4):
+        (tmp_path / "a b" / f"{i:03d}.tar").touch()
     tricky = "data.train=[{name: demo, urls: 'a b/{000..003}.tar'}]"
     argv = shlex.split(_step_line(_render(tmp_path, tricky)).rstrip(" &"))
     assert tricky in argv
@@ -134,10 +147,74 @@ def test_missing_config_message(tmp_path, capsys):
 
 
 def test_dry_run_prints_the_script(tmp_path, capsys):
-    assert main(["--config", str(TINY_CONFIG), "--dry-run", f"run.output_dir={tmp_path / 'run'}"]) == 0
-    out = capsys.readouterr().out
+    assert main(["--config", str(TINY_CONFIG), "--workdir", str(_shards(tmp_path)), "--dry-run",
+                 f"run.output_dir={tmp_path / 'run'}"]) == 0
+    cap = capsys.readouterr()
+    out = cap.out
     assert out.startswith("#!/bin/bash\n#SBATCH ") and "mmpretrain.train" in out
+    assert "cpus per task" in cap.err and "cpus per task" not in out  # stdout stays the script alone
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_empty_or_missing_train_shards_are_refused_before_queueing(tmp_path, capsys):
+    """The job would queue, start and stop at once: data.train empty, or a local shard missing as
+    seen from the job's directory (brace patterns expanded as the data code does); remote URLs are
+    the nodes' to reach."""
+    with pytest.raises(SubmitError, match=r"config key 'data.train' lists no sources"):
+        _spec(tmp_path, "data.train=[]")
+    work = _shards(tmp_path / "job")
+    (work / "data" / "tiny" / "train" / "train-000002.tar").unlink()
+    with pytest.raises(SubmitError, match=r"config key 'data.train\[0\].urls': shard "
+                       r"'data/tiny/train/train-000002.tar' does not exist \(seen from .*; 1 of 4 shards missing\)"):
+        spec_from_args(build_parser().parse_args(["--config", str(TINY_CONFIG), "--workdir", str(work)]))
+    assert main(["--config", str(TINY_CONFIG), "--workdir", str(work), "--dry-run", "--nodes", "2",
+                 f"run.output_dir={tmp_path / 'run'}"]) == 2
+    cap = capsys.readouterr()
+    assert "train-000002.tar' does not exist" in cap.err and cap.out == ""
+    absent = tmp_path / "nowhere"
+    with pytest.raises(SubmitError, match=f"shard '{absent}/b-000.tar' does not exist"):
+        _spec(tmp_path, f"data.train=[{{name: b, urls: '{absent}/b-{{000..001}}.tar'}}]")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SubmitError, match=r"'empty' matches no shards"):
+        _spec(tmp_path, "data.train=[{name: c, urls: empty}]")
+    # remote shards are not looked at; --no-shard-check for data this host does not mount
+    remote = ("data.train=[{name: r, urls: 'pipe:curl -s http://h/r-{000..009}.tar'}, "
+              "{name: s, urls: 's3://bucket/s-{000..009}.tar::https://h/t-000.tar'}]")
+    assert _spec(tmp_path, remote).render().count("pipe:curl") == 1
+    assert _spec(tmp_path, "--no-shard-check").nodes == 1
+
+
+def test_cpus_per_task_defaults_to_loader_workers_plus_one(tmp_path):
+    """8 ranks with 7 loader workers each: 8 CPUs a rank, asked for in #SBATCH and on the srun line."""
+    s = _render(tmp_path, "--launcher", "srun", "--gpus-per-node", "8", "data.num_workers=7")
+    assert "#SBATCH --cpus-per-task=8" in s and "#SBATCH --ntasks-per-node=8" in s
+    assert "--cpus-per-task=8" in shlex.split(_step_line(s).rstrip(" &"))
+    # torchrun: one task per node runs all 8 ranks
+    s = _render(tmp_path, "--gpus-per-node", "8", "data.num_workers=7")
+    assert "#SBATCH --cpus-per-task=64" in s and "#SBATCH --ntasks-per-node=1" in s
+    assert "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}" in s
+    s = _render(tmp_path, "--launcher", "srun", "--cpus-per-task", "3", "data.num_workers=7")
+    assert "#SBATCH --cpus-per-task=3" in s and "--cpus-per-task=8" not in s
+
+
+def test_submission_prints_the_resources_first(tmp_path, capsys, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\necho 777\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert main(["--config", str(TINY_CONFIG), "--workdir", str(_shards(tmp_path)), "--nodes", "2",
+                 "--gpus-per-node", "8", "--time", "2:00:00", "--partition", "gpu", "data.num_workers=3",
+                 f"run.output_dir={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    i = out.index("resources asked for:")
+    assert out[i + 1:i + 7] == ["  nodes           2",
+                                "  tasks per node  1 (torchrun starts 8 training processes in each)",
+                                "  cpus per task   32 (8 processes x (data.num_workers 3 + 1))",
+                                "  gpus per node   8 (16 in all)",
+                                "  time            2:00:00",
+                                "  partition       gpu"]
+    assert out[-1].startswith("submitted job 777;") and i < len(out) - 1
 
 
 def test_submit_records_the_job_id(tmp_path):
