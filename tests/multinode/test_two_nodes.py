@@ -74,14 +74,16 @@ def start_deepspeed(cluster, out: Path, data: Path, port: int, *extra: str, env_
 
 
 class SlurmJob:
-    """A 2-node job submitted from node1 with mmpretrain-submit --nodes 2 (one srun task per process)."""
+    """A 2-node job submitted from node1 with mmpretrain-submit --nodes 2: `--launcher srun` (one srun
+    task per process) or `torchrun` (one srun task per node running torchrun, c10d across the nodes)."""
 
-    def __init__(self, cluster, out: Path, data: Path, *extra: str, env_extra=None) -> None:
+    def __init__(self, cluster, out: Path, data: Path, *extra: str, env_extra=None, launcher: str = "srun") -> None:
         self.env = _env(cluster, **(env_extra or {}))
         self.out = out
         sub = subprocess.run(
-            on_node("node1", [sys.executable, "-m", "mmpretrain.submit", "--nodes", "2", "--launcher", "srun",
-                              "--gpus-per-node", "0", "--procs-per-node", "2", "--cpus-per-task", "1", "--time", "15",
+            on_node("node1", [sys.executable, "-m", "mmpretrain.submit", "--nodes", "2", "--launcher", launcher,
+                              "--gpus-per-node", "0", "--procs-per-node", "2", "--cpus-per-task",
+                              "2" if launcher == "torchrun" else "1", "--time", "15",
                               "--signal-seconds", "120", "--workdir", str(tk.REPO), *_overrides(out, data, *extra)]),
             cwd=tk.REPO, env=self.env, capture_output=True, text=True, timeout=120)
         assert sub.returncode == 0, sub.stdout + sub.stderr
@@ -157,6 +159,7 @@ def _cleanup(procs: List[subprocess.Popen], outs: List[Path], jobs: List[SlurmJo
 
 
 def _rank_hosts(out: Path, per_node: int = 2) -> Dict[int, str]:
+    """rank -> host name from the rank logs; ranks of one node are consecutive with local ranks 0.."""
     hosts = {}
     for r in range(4):
         text = (out / "logs" / f"rank{r}.log").read_text()
@@ -168,10 +171,17 @@ def _rank_hosts(out: Path, per_node: int = 2) -> Dict[int, str]:
     return hosts
 
 
+def _two_nodes_two_ranks_each(out: Path) -> None:
+    """Two ranks per node, each node's consecutive (torchrun's c10d may give node2 the lower ranks)."""
+    h = _rank_hosts(out)
+    assert h[0] == h[1] and h[2] == h[3] and {h[0], h[2]} == {"node1", "node2"}, (out.name, h)
+
+
 def test_three_two_node_launch_paths_equal_one_node_four_processes(two_nodes, tiny_data, tmp_path):
     """All four jobs at once (their start-ups overlap): a 1-node 4-process reference, torchrun on both
-    nodes, the deepspeed launcher over pdsh/ssh, and a SLURM job preempted with
-    `scancel --signal=USR1 --batch` mid-run, requeued by its script and resumed."""
+    nodes, the deepspeed launcher over pdsh/ssh, and a SLURM job (srun torchrun on each node) preempted
+    with `scancel --signal=USR1 --batch` mid-run, requeued by its script and resumed. (The node-loss
+    test's SLURM job runs one srun task per process: both submit launchers run across two nodes.)"""
     outs = {name: tmp_path / name for name in ("ref", "torchrun", "deepspeed", "slurm")}
     procs: List[subprocess.Popen] = []
     jobs: List[SlurmJob] = []
@@ -184,7 +194,7 @@ def test_three_two_node_launch_paths_equal_one_node_four_processes(two_nodes, ti
         procs.append(start_deepspeed(two_nodes, outs["deepspeed"], tiny_data, 29401))
         # the job's first run sleeps 1 s before each step after step 3: the signal lands mid-run
         job = SlurmJob(two_nodes, outs["slurm"], tiny_data, lk.plugin("slow_first_run"),
-                       env_extra={lk.SLOW_AFTER_VAR: "3:1.0"})
+                       env_extra={lk.SLOW_AFTER_VAR: "3:1.0"}, launcher="torchrun")
         jobs.append(job)
         _wait(lambda: _steps(outs["slurm"]) >= 3, 300, "3 steps of the SLURM job", job.diag)
         sig = job.ctl("scancel", "--signal=USR1", "--batch", job.id)
@@ -206,13 +216,14 @@ def test_three_two_node_launch_paths_equal_one_node_four_processes(two_nodes, ti
     preempted = [r for r in tk.metrics_rows(outs["slurm"]) if r.get("kind") == "preempted"]
     assert len(preempted) == 1 and 3 <= preempted[0]["step"] < STEPS, preempted
     step = preempted[0]["step"]
-    assert f"resumed from {outs['slurm']}/checkpoints/step_{step:08d} (step {step})" in \
-        (outs["slurm"] / "logs" / "rank2.log").read_text()
+    for rank in range(4):
+        assert f"resumed from {outs['slurm']}/checkpoints/step_{step:08d} (step {step})" in \
+            (outs["slurm"] / "logs" / f"rank{rank}.log").read_text()
 
     # ranks 0-1 on node1, 2-3 on node2 (each with its own host name and local ranks 0-1); the
     # reference's 4 ranks on this host
     for name in ("torchrun", "deepspeed", "slurm"):
-        assert _rank_hosts(outs[name]) == {0: "node1", 1: "node1", 2: "node2", 3: "node2"}, name
+        _two_nodes_two_ranks_each(outs[name])
     assert set(_rank_hosts(outs["ref"], per_node=4).values()) == {socket.gethostname()}
 
     ref_losses = tk.losses_by_step(outs["ref"])
@@ -288,8 +299,10 @@ def test_losing_a_node_ends_every_launcher_and_slurm_resumes(two_nodes, tiny_dat
     for p in procs:
         assert p.returncode not in (0, None)
     for name, out in outs.items():
-        rank_logs = "".join((out / "logs" / f"rank{r}.log").read_text() for r in (0, 1))
-        assert re.search(r"rank [01]: lost rank", rank_logs) or "a collective failed" in rank_logs, \
+        survivors = [r for r, h in _rank_hosts(out).items() if h == "node1"]
+        assert len(survivors) == 2, (name, _rank_hosts(out))
+        rank_logs = "".join((out / "logs" / f"rank{r}.log").read_text() for r in survivors)
+        assert re.search(r"rank \d: lost rank", rank_logs) and "a collective failed" in rank_logs, \
             f"{name}: no message on node1\n{rank_logs[-3000:]}"
     fields = job.fields()
     assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", job.diag()
