@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -101,6 +102,10 @@ def run_mode(mode: str, args: argparse.Namespace, data: Path) -> Dict[str, Any]:
 
 
 def main() -> int:
+    # SIGTERM / SIGHUP (a `timeout`, a closed terminal) unwind like Ctrl-C: trainkit.run then kills the
+    # training job's process group instead of leaving its ranks running
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--depth", type=int, default=24)

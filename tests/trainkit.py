@@ -94,6 +94,13 @@ def run(launcher: str, nproc: int, overrides: Sequence[str], log: Path, timeout:
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         raise AssertionError(f"training timed out; log:\n{log.read_text()[-4000:]}")
+    finally:  # an interrupted caller (Ctrl-C, a benchmark's SIGTERM) leaves no launcher or rank behind
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
 
 
 def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
