@@ -26,23 +26,12 @@ CONF=$DIR/slurm/etc/slurm.conf
 SOCK=$DIR/slurm/munge/munge.socket.2
 export SLURM_CONF=$CONF MMP_MN_DIR=$DIR
 export PATH=$PATH:/usr/sbin:/sbin
+LOG_TAG=cluster
+# shellcheck source=../slurm/daemonlib.sh
+. "$HERE/../slurm/daemonlib.sh"   # log/die/cannot, alive, munge_ok, wait_for, run_clean
 
-log() { echo "[cluster $(date +%T)] $*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-cannot() { log "SKIP: $*"; exit 77; }
 on() { "$HERE/on_node.sh" "$@"; }
 addr() { echo "$NET.${1#node}"; }
-wait_for() { # wait_for SECONDS WHAT CMD...
-    local end=$(( SECONDS + $1 )) what=$2; shift 2
-    until "$@"; do
-        [ $SECONDS -lt $end ] || { log "timeout waiting for $what"; return 1; }
-        sleep 0.3
-    done
-}
-run_clean() { # daemons must not inherit our fds (a CI runner's pipe would never reach EOF)
-    ( for f in /proc/self/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] 2>/dev/null && eval "exec $n>&-"; done
-      exec "$@" )
-}
 ns_pids() { ip netns pids "$1" 2>/dev/null || true; }
 
 install_packages() {
@@ -149,10 +138,8 @@ start_sshd() {
 ssh_ok() { [ "$(on node1 ssh -F "$DIR/ssh/ssh_config" "$1" hostname 2>/dev/null)" = "$1" ]; }
 
 # ------------------------------------------------------------------ SLURM
-munge_ok() { munge -n -S "$SOCK" 2>/dev/null | unmunge -S "$SOCK" >/dev/null 2>&1; }
 ctld_up() { on node1 scontrol ping 2>/dev/null | grep -q 'is UP'; }
 node_idle() { case "$(on node1 sinfo -h -N -n "$1" -o '%T' 2>/dev/null | head -n1)" in idle*) return 0;; *) return 1;; esac; }
-alive() { local p; p=$(cat "$1" 2>/dev/null) || return 1; [ -d "/proc/$p" ] && [ "$(cat "/proc/$p/comm")" = "$2" ]; }
 
 make_slurm() {
     local d=$DIR/slurm

@@ -31,10 +31,10 @@ RUN=$DIR/run
 LOG=$DIR/log
 export SLURM_CONF=$CONF
 export PATH=$PATH:/usr/sbin:/sbin
+LOG_TAG=start_slurm
+# shellcheck source=daemonlib.sh
+. "$(dirname "$0")/daemonlib.sh"   # log/die/cannot, alive, munge_ok, wait_for, run_clean
 
-log() { echo "[start_slurm $(date +%T)] $*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-cannot() { log "SKIP: $*"; exit 77; }
 
 [ "$(id -u)" = 0 ] || cannot "not root (installing and running slurmctld/slurmd/munged needs root)"
 [ ${#SOCK} -lt 100 ] || die "munge socket path too long for a unix socket: $SOCK"
@@ -44,27 +44,9 @@ exec 9>"$DIR.lock"                        # start/stop are serialized
 flock -w 600 9 || die "could not lock $DIR.lock"
 export MMP_SLURM_LOCKED=1
 
-alive() {   # alive PIDFILE COMM: pid alive, named COMM, not a zombie (pid 1 may reap slowly)
-    local p
-    p=$(cat "$1" 2>/dev/null) || return 1
-    [[ $p =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ] || return 1
-    [ "$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | cut -d' ' -f1)" != Z ]
-}
-munge_ok()   { munge -n -S "$SOCK" 2>/dev/null | unmunge -S "$SOCK" >/dev/null 2>&1; }
 ctld_up()    { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 node_state() { sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n1; }
 node_idle()  { case "$(node_state)" in idle*) return 0;; *) return 1;; esac; }
-wait_for() { # wait_for SECONDS WHAT CMD...
-    local end=$(( SECONDS + $1 )) what=$2; shift 2
-    until "$@"; do
-        [ $SECONDS -lt $end ] || { log "timeout waiting for $what"; return 1; }
-        sleep 0.5
-    done
-}
-run_clean() { # daemons must not inherit our fds (a CI runner's pipe would never reach EOF)
-    ( for f in /proc/self/fd/*; do n=${f##*/}; [ "$n" -gt 2 ] 2>/dev/null && eval "exec $n>&-"; done
-      exec "$@" )
-}
 dump_logs() {
     for f in "$LOG"/munged.log "$LOG"/slurmctld.log "$LOG"/slurmd.log; do
         [ -f "$f" ] && { echo "----- tail $f" >&2; tail -n 25 "$f" >&2; }
