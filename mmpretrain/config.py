@@ -174,6 +174,10 @@ class AudioTowerConfig(TowerConfig):
     n_fft: int = 400  # STFT window in samples (400 = 25 ms at 16 kHz)
     hop_length: int = 160  # STFT hop in samples, one mel frame each (160 = 10 ms at 16 kHz)
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)  # native tower only
+    # vocal-tract-length perturbation (Jaitly & Hinton 2013), training only, native tower: each clip's
+    # spectrum is stretched along frequency by a factor drawn from [low, high] (formants move, pitch
+    # and tempo stay: speaker variation speed perturbation cannot give alone); [1, 1] = off
+    freq_warp: List[float] = field(default_factory=lambda: [1.0, 1.0])
     patch_size: int = 8
 
 
@@ -211,6 +215,9 @@ class LossConfig:
     caption_weight: float = 2.0  # weight of the captioning loss (needs model.text.decoder_depth > 0)
     # exact big-batch contrastive gradients over train.grad_accum micro-batches (no-grad feature pass first)
     feature_cache: bool = False
+    # other samples of a row's class (json `label` / .cls, equal and >= 0) in the batch: negative (CLIP) |
+    # ignore (left out of the softmax: no false negatives) | positive (UniCL: all pulled together); infonce, naive
+    same_label: str = "negative"
 
 
 @dataclass
@@ -374,6 +381,7 @@ def dtype_of(name: str) -> "torch.dtype":
 _CHOICES = {
     "loss.kind": ("infonce", "siglip"),
     "loss.impl": ("naive", "tiled"),
+    "loss.same_label": ("negative", "ignore", "positive"),
     "train.precision": tuple(DTYPES),
     "train.zero_stage": (0, 1, 2, 3),
     "train.compile": ("off", "inductor", "aot_eager", "eager"),
@@ -459,6 +467,7 @@ _PAIR_RANGES = {
     "data.audio_augment.noise_snr_db": (-20.0, 100.0),
     "data.audio_augment.speed": (0.5, 2.0),
     "data.audio_augment.mix_gain_db": (-60.0, 0.0),
+    "model.audio.freq_warp": (0.5, 2.0),
     "data.image_augment.scale": (0.25, 4.0),
     "data.image_augment.blur_radius": (0.0, 20.0),
     "data.image_augment.erase_area": (0.0, 1.0),
@@ -606,6 +615,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.compile' = {cfg.train.compile!r} with train.zero_stage=3: ZeRO-3 gathers "
                           "a tower's parameters in hooks around its forward, which a compiled tower does not run "
                           "the same way; compile with stages 0-2")
+    if cfg.loss.same_label != "negative":
+        clash = [f"{k}={v!r}" for k, v, bad in (("loss.kind", cfg.loss.kind, cfg.loss.kind != "infonce"),
+                                                 ("loss.impl", cfg.loss.impl, cfg.loss.impl != "naive"),
+                                                 ("loss.feature_cache", cfg.loss.feature_cache, cfg.loss.feature_cache))
+                 if bad]
+        if clash:
+            raise ConfigError(f"config key 'loss.same_label' = {cfg.loss.same_label!r} works with loss.kind=infonce, "
+                              f"loss.impl=naive and no feature cache; got {', '.join(clash)}")
     contrastive_off = sum(modalities.pair_weights(cfg).values()) == 0
     if contrastive_off and cfg.loss.caption_weight == 0:
         raise ConfigError("config keys 'loss.pairs.*' and 'loss.caption_weight' are all 0: nothing to train")

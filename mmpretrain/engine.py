@@ -262,7 +262,7 @@ class TrainModule(nn.Module):
         against every cached micro-batch of the step (exact big-batch contrastive gradient)."""
         if feature_cache is None:
             out = self.model(batch)
-            loss_con, metrics = self.contrastive(out.embeddings, out.scales, out.biases, batch.masks)
+            loss_con, metrics = self.contrastive(out.embeddings, out.scales, out.biases, batch.masks, batch.labels)
         else:
             with feature_cache.replay_rng(micro_index):
                 out = self.model(batch)

@@ -19,7 +19,7 @@ from mmpretrain import distributed as D
 from mmpretrain import modalities as M
 from mmpretrain.config import Config
 from mmpretrain.models.model import CaptionOutput
-from mmpretrain.ops.contrastive import contrastive_rows
+from mmpretrain.ops.contrastive import contrastive_rows, contrastive_rows_same_label
 
 def _siglip_rows(
     q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor, col_valid: torch.Tensor
@@ -44,11 +44,13 @@ class ContrastiveLoss:
         self.pairs = {p.name: p for p in M.active_pairs(cfg)}  # between the towers the model has
         self.weights = M.pair_weights(cfg)
         self.min_valid = cfg.loss.min_valid_pairs
+        self.same_label = getattr(cfg.loss, "same_label", "negative")  # loss.same_label
 
     def __call__(
         self, embeddings: Dict[str, torch.Tensor], scales: Dict[str, torch.Tensor], biases: Dict[str, torch.Tensor],
-        masks: Dict[str, torch.Tensor],
+        masks: Dict[str, torch.Tensor], labels: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """labels (n,) long, -1 = none: read when loss.same_label is not 'negative'."""
         world, rank = D.world_size(), D.rank()
         # sorted: set order differs between processes (hash seed) and the gathers must line up
         needed = sorted({m for p, w in self.weights.items() if w > 0 for m in (self.pairs[p].a, self.pairs[p].b)})
@@ -61,6 +63,12 @@ class ContrastiveLoss:
         gmasks = {m: gmask[:, i] for i, m in enumerate(order)}
         n = mask_stack.shape[0]
         offset = rank * n
+        same = None
+        if self.same_label != "negative":  # (n, N): column j holds a sample of row i's class
+            if labels is None:
+                raise ValueError(f"loss.same_label={self.same_label!r} needs the batch's labels")
+            glabels = D.all_gather_nograd(labels.to(mask_stack.device))
+            same = (labels[:, None].to(glabels.device) == glabels[None, :]) & (labels[:, None] >= 0).to(glabels.device)
         total = torch.zeros((), device=mask_stack.device)
         sums, counts = {}, {}
         for pair, w in self.weights.items():
@@ -74,7 +82,12 @@ class ContrastiveLoss:
                 row_valid, torch.arange(offset, offset + n, device=row_valid.device), torch.full_like(row_valid, -1, dtype=torch.long)
             )
             scale = scales[pair]
-            if self.kind == "infonce":
+            if same is not None:
+                rows = contrastive_rows_same_label(local[a], glob[b], scale, targets, col_valid, same, self.same_label)
+                rows = rows + contrastive_rows_same_label(local[b], glob[a], scale, targets, col_valid, same,
+                                                          self.same_label)
+                local_sum = rows.sum() / 2
+            elif self.kind == "infonce":
                 rows = contrastive_rows(local[a], glob[b], scale, targets, col_valid, impl=self.impl)
                 rows = rows + contrastive_rows(local[b], glob[a], scale, targets, col_valid, impl=self.impl)
                 local_sum = rows.sum() / 2

@@ -79,9 +79,13 @@ def all_present_forward(model: nn.Module, batch: Any) -> Any:
     from mmpretrain.models.model import CaptionOutput, ModelOutput
 
     emb, tok = {}, {}
+    decoded = set(model.decoder.modalities) if model.decoder is not None else set()
     for name in model.towers:
         lengths = batch.text_len if name == M.TEXT else None
-        emb[name], tok[name] = model.encode(name, batch.inputs[name], lengths, return_tokens=True)
+        if name in decoded:
+            emb[name], tok[name] = model.encode(name, batch.inputs[name], lengths, return_tokens=True)
+        else:  # as the model's forward: the pooled token alone (models.transformer.Encoder pool_index)
+            emb[name], tok[name] = model.encode(name, batch.inputs[name], lengths), None
     pairs = model.pair_names
     scales, biases = {p: model.scale(p) for p in pairs}, {p: model.logit_bias[p].squeeze(0) for p in pairs}
     caption = None

@@ -22,16 +22,19 @@ def _setup(seed=0):
     return x, masks, enc
 
 
+LABELS = torch.tensor([0, 1, 2, 0, -1, 1, 1, 2, -1, 0, 2, 1])  # -1: no label; classes across both ranks
+
+
 def _forward(enc, x, masks, cfg, rows):
     emb = {m: torch.nn.functional.normalize(enc[m](x[m][rows]), dim=-1) for m in enc}
     scales = {p: torch.tensor(7.0, dtype=torch.float64) for p in M.pair_names()}
     biases = {p: torch.tensor(-10.0, dtype=torch.float64) for p in M.pair_names()}
-    return ContrastiveLoss(cfg)(emb, scales, biases, {m: masks[m][rows] for m in masks})
+    return ContrastiveLoss(cfg)(emb, scales, biases, {m: masks[m][rows] for m in masks}, LABELS[rows])
 
 
-def _worker(rank, world, init_file, result_file):
+def _worker(rank, world, init_file, result_file, same_label):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    cfg = load_config(None, ["loss.pairs.audio_text=0.7"])
+    cfg = load_config(None, ["loss.pairs.audio_text=0.7", f"loss.same_label={same_label}"])
     x, masks, enc = _setup()
     n = N // world
     loss, metrics = _forward(enc, x, masks, cfg, slice(rank * n, (rank + 1) * n))
@@ -45,11 +48,14 @@ def _worker(rank, world, init_file, result_file):
 
 
 @pytest.mark.distributed
-def test_two_process_loss_and_grads_equal_single_process(tmp_path):
+@pytest.mark.parametrize("same_label", ["negative", "ignore", "positive"])
+def test_two_process_loss_and_grads_equal_single_process(tmp_path, same_label):
+    """loss.same_label too: the labels are gathered with the features (same-class columns on the other rank)."""
     world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "res.pt")), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "res.pt"), same_label), nprocs=world,
+             join=True)
     res = torch.load(tmp_path / "res.pt", weights_only=True)
-    cfg = load_config(None, ["loss.pairs.audio_text=0.7"])
+    cfg = load_config(None, ["loss.pairs.audio_text=0.7", f"loss.same_label={same_label}"])
     x, masks, enc = _setup()
     loss, metrics = _forward(enc, x, masks, cfg, slice(0, N))
     loss.backward()

@@ -2,13 +2,14 @@
 into a transformer; returns the pooled vector and the patch tokens."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from mmpretrain.config import AudioTowerConfig
 from mmpretrain.models.transformer import Encoder
+from mmpretrain.models.vision import class_token_index
 
 
 def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,8 @@ class LogMel(nn.Module):
         fb = mel_filterbank(n_fft, n_mels, sample_rate)  # on the CPU: placed where this module's tensors go
         self.register_buffer("fb", fb.to(self.window.device), persistent=False)
 
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+    def forward(self, wav: torch.Tensor, warp: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+        """warp: (low, high) frequency-warp factors drawn per clip (freq_warp), None = none."""
         # "meta" (shapes only: the capacity planner) has no autocast state to switch off
         dev = "cpu" if wav.device.type == "meta" else wav.device.type
         with torch.autocast(device_type=dev, enabled=False):
@@ -53,11 +55,28 @@ class LogMel(nn.Module):
                 wav.float(), self.n_fft, self.hop, window=self.window.float(), center=True, return_complex=True
             )  # (B, F, T)
             power = spec.real.square() + spec.imag.square()
+            if warp is not None:
+                power = freq_warp(power, *warp)
             mel = torch.matmul(power.transpose(1, 2), self.fb.float()).transpose(1, 2)  # (B, M, T)
             logmel = torch.log(mel + 1e-6)
             # per-utterance normalization keeps scale independent of loudness
             logmel = (logmel - logmel.mean(dim=(1, 2), keepdim=True)) / (logmel.std(dim=(1, 2), keepdim=True) + 1e-5)
         return logmel[:, None]
+
+
+def freq_warp(power: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Vocal-tract-length perturbation of a power spectrogram (B, F, T): clip b's bin k takes the value at
+    k / a_b (linear interpolation), a_b uniform in [low, high] from torch's generator of the tensor's
+    device (seeded and checkpointed like the dropout streams). a > 1 moves formants up; bins read
+    past the top take the top bin."""
+    b, f, _ = power.shape
+    a = low + (high - low) * torch.rand(b, 1, device=power.device, dtype=power.dtype)
+    src = (torch.arange(f, device=power.device, dtype=power.dtype)[None, :] / a).clamp(max=f - 1)  # (B, F)
+    lo = src.floor().long()
+    hi = (lo + 1).clamp(max=f - 1)
+    w = (src - lo.to(power.dtype))[..., None]
+    take = lambda idx: power.gather(1, idx[..., None].expand(-1, -1, power.shape[2]))  # noqa: E731
+    return take(lo) * (1 - w) + take(hi) * w
 
 
 def spec_augment(spec: torch.Tensor, time_masks: int, time_width: int, freq_masks: int, freq_width: int) -> torch.Tensor:
@@ -79,6 +98,7 @@ def spec_augment(spec: torch.Tensor, time_masks: int, time_width: int, freq_mask
 
 
 class AudioTransformer(nn.Module):
+    supports_pooled_only = True  # forward(..., pooled_only=True): the class token alone, tokens None
     def __init__(self, cfg: AudioTowerConfig, sample_rate: int, num_samples: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.width = cfg.width
@@ -96,12 +116,16 @@ class AudioTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(cfg.width)
         sa = getattr(cfg, "spec_augment", None)  # model.audio.spec_augment; None: a config saved before the key
         self.spec_augment = (sa.time_masks, sa.time_width, sa.freq_masks, sa.freq_width) if sa is not None else (0, 0, 0, 0)
+        fw = tuple(getattr(cfg, "freq_warp", (1.0, 1.0)))  # model.audio.freq_warp; absent in older configs
+        self.warp_range = None if fw == (1.0, 1.0) else (float(fw[0]), float(fw[1]))
 
-    def forward(self, wav: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        spec = self.mel(wav)[..., : self.frames]  # (B, 1, M, T)
+    def forward(self, wav: torch.Tensor, pooled_only: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """pooled (B, W), tokens (B, N, W); pooled_only: the class token alone (tokens None)."""
+        spec = self.mel(wav, self.warp_range if self.training else None)[..., : self.frames]  # (B, 1, M, T)
         if self.training and any(self.spec_augment):
             spec = spec_augment(spec, *self.spec_augment)
         x = self.patch(spec.to(self.patch.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
-        x = self.ln_post(self.encoder(self.ln_pre(x)))
-        return x[:, 0], x[:, 1:]
+        idx = class_token_index(x, self.encoder) if pooled_only else None
+        x = self.ln_post(self.encoder(self.ln_pre(x), pool_index=idx))
+        return (x[:, 0], None) if idx is not None else (x[:, 0], x[:, 1:])

@@ -42,7 +42,9 @@ class CaptionOutput(NamedTuple):
 
 class ModelOutput(NamedTuple):
     embeddings: Dict[str, torch.Tensor]  # modality -> (B, E), unit norm
-    tokens: Dict[str, torch.Tensor]  # modality -> (B, N, W) tower tokens (text: every position's state)
+    # modality -> (B, N, W) tower tokens (text: every position's state); None where nothing reads them
+    # (towers the caption decoder does not read give their pooled token alone)
+    tokens: Dict[str, Optional[torch.Tensor]]
     scales: Dict[str, torch.Tensor]  # pair -> () logit scale, clamped
     biases: Dict[str, torch.Tensor]  # pair -> () SigLIP bias
     caption: Optional[CaptionOutput] = None
@@ -133,9 +135,11 @@ class MultimodalModel(nn.Module):
                return_tokens: bool = False) -> Any:
         """x: the modality's batch input (text: ids with `lengths`) -> (B, E) unit vectors [, tokens]."""
         tower = self.tower(modality)
+        # without return_tokens, a native tower's last block computes the pooled token alone (same numbers)
+        kw = {"pooled_only": True} if not return_tokens and getattr(tower, "supports_pooled_only", False) else {}
         # a locked tower runs without autograd: no activations kept for a backward that never comes
         with torch.no_grad() if is_frozen(tower) else contextlib.nullcontext():
-            pooled, tokens = tower(x, lengths) if modality == M.TEXT else tower(x)
+            pooled, tokens = tower(x, lengths, **kw) if modality == M.TEXT else tower(x, **kw)
         emb = F.normalize(self.proj[modality](pooled), dim=-1)
         return (emb, tokens) if return_tokens else emb
 
@@ -200,29 +204,42 @@ class MultimodalModel(nn.Module):
         ZeRO-3 gathers a tower's parameters inside its forward, and every rank must join.
         captions=False skips the decoder (the feature cache's no-grad pass)."""
         emb, tok = {}, {}
+        # only the caption decoder reads tower tokens: other towers return their pooled token alone. Not
+        # narrowed by `captions`: the feature cache's no-grad pass must draw the same dropout masks as
+        # the replayed pass with captions (the same work per tower)
+        decoded = set(self.decoder.modalities) if self.decoder is not None else set()
         for name in self.towers:
             lengths = batch.text_len if name == M.TEXT else None
-            emb[name], tok[name] = self._encode_present(name, batch.inputs[name], batch.masks[name], lengths)
+            emb[name], tok[name] = self._encode_present(name, batch.inputs[name], batch.masks[name], lengths,
+                                                        name in decoded)
         pairs = self.pair_names
         scales, biases = {p: self.scale(p) for p in pairs}, {p: self.logit_bias[p].squeeze(0) for p in pairs}
         caption = self.caption_logits(batch, tok) if captions and self.decoder is not None else None
         return ModelOutput(emb, tok, scales, biases, caption)
 
 
-    def _encode_present(self, name: str, x: torch.Tensor, mask: torch.Tensor,
-                        lengths: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _encode_present(self, name: str, x: torch.Tensor, mask: torch.Tensor, lengths: Optional[torch.Tensor],
+                        with_tokens: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(B, E) embeddings with zeros at absent rows, and (B, N, W) tokens when `with_tokens` (and the
+        tower gives them), else None."""
         n = x.shape[0]
         if bool(mask.all()):
-            return self.encode(name, x, lengths, return_tokens=True)
+            e, t = self.encode(name, x, lengths, return_tokens=True) if with_tokens else (self.encode(name, x, lengths), None)
+            return e, t
         rows = mask.nonzero().squeeze(1)
         dummy = rows.numel() == 0
         if dummy:
             rows = torch.zeros(1, dtype=torch.long, device=x.device)
-        e, t = self.encode(name, x.index_select(0, rows), None if lengths is None else lengths.index_select(0, rows),
-                           return_tokens=True)
+        sub_len = None if lengths is None else lengths.index_select(0, rows)
+        if with_tokens:
+            e, t = self.encode(name, x.index_select(0, rows), sub_len, return_tokens=True)
+        else:
+            e, t = self.encode(name, x.index_select(0, rows), sub_len), None
         if dummy:  # graph kept (zero gradients reach every parameter of the tower), nothing placed
-            return (e.new_zeros(n, *e.shape[1:]) + 0 * e.sum(), t.new_zeros(n, *t.shape[1:]) + 0 * t.sum())
-        return (e.new_zeros(n, *e.shape[1:]).index_copy(0, rows, e), t.new_zeros(n, *t.shape[1:]).index_copy(0, rows, t))
+            return (e.new_zeros(n, *e.shape[1:]) + 0 * e.sum(),
+                    None if t is None else t.new_zeros(n, *t.shape[1:]) + 0 * t.sum())
+        return (e.new_zeros(n, *e.shape[1:]).index_copy(0, rows, e),
+                None if t is None else t.new_zeros(n, *t.shape[1:]).index_copy(0, rows, t))
 
 
 def build_model(cfg: Config, vocab_size: int) -> MultimodalModel:

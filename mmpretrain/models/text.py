@@ -12,6 +12,7 @@ from mmpretrain.models.transformer import DecodeCache, Encoder
 
 
 class TextTransformer(nn.Module):
+    supports_pooled_only = True  # forward(..., pooled_only=True): the EOS state alone, states None
     def __init__(self, cfg: TextTowerConfig, vocab_size: int, context_len: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.width, self.context_len = cfg.width, context_len
@@ -25,13 +26,18 @@ class TextTransformer(nn.Module):
         return DecodeCache(len(self.encoder.blocks))
 
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None,
-                cache: Optional[DecodeCache] = None) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+                cache: Optional[DecodeCache] = None, pooled_only: bool = False
+                ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """tokens (B, L); lengths (B,) count BOS..EOS, 0 for absent text (None: no pooled output).
-        With `cache`, tokens continue the cached prefix (positions from cache.offset on)."""
+        With `cache`, tokens continue the cached prefix (positions from cache.offset on).
+        pooled_only (with lengths, no cache): the last block computes the EOS state alone; states None."""
         start = cache.offset if cache is not None else 0
         if start + tokens.shape[1] > self.context_len:
             raise ValueError(f"text longer than the context ({self.context_len} tokens)")
         x = self.tok(tokens) + self.pos[:, start: start + tokens.shape[1]]
+        if pooled_only and lengths is not None and cache is None and len(self.encoder.blocks):
+            x = self.ln_post(self.encoder(x, causal=True, pool_index=(lengths - 1).clamp(min=0)))
+            return x[:, 0], None
         x = self.ln_post(self.encoder(x, causal=True, cache=cache))  # causal: padding after EOS is never seen
         if cache is not None:
             cache.offset = start + tokens.shape[1]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,7 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
 
 
 class VisionTransformer(nn.Module):
+    supports_pooled_only = True  # forward(..., pooled_only=True): the class token alone, tokens None
     def __init__(self, cfg: TowerConfig, image_size: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.width = cfg.width
@@ -41,8 +42,16 @@ class VisionTransformer(nn.Module):
                                drop_path=getattr(cfg, "drop_path", 0.0))  # model.<tower>.drop_path
         self.ln_post = nn.LayerNorm(cfg.width)
 
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, pooled_only: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """pooled (B, W), tokens (B, N, W); pooled_only: the last block computes only the class token
+        (tokens None)."""
         x = self.patch(images).flatten(2).transpose(1, 2)  # (B, N, W)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
-        x = self.ln_post(self.encoder(self.ln_pre(x)))
-        return x[:, 0], x[:, 1:]  # pooled (B, W), tokens (B, N, W)
+        idx = class_token_index(x, self.encoder) if pooled_only else None
+        x = self.ln_post(self.encoder(self.ln_pre(x), pool_index=idx))
+        return (x[:, 0], None) if idx is not None else (x[:, 0], x[:, 1:])
+
+
+def class_token_index(x: torch.Tensor, encoder: Encoder) -> Optional[torch.Tensor]:
+    """Position 0 for every row (Encoder's pool_index), or None for an encoder without blocks."""
+    return x.new_zeros(x.shape[0], dtype=torch.long) if len(encoder.blocks) else None

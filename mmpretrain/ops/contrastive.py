@@ -147,3 +147,33 @@ def contrastive_rows(
 
         return contrastive_rows_triton(q, k, logit_scale, targets, col_valid)
     raise ValueError(f"unknown contrastive impl {impl!r}")
+
+
+def contrastive_rows_same_label(
+    q: torch.Tensor, k: torch.Tensor, logit_scale: torch.Tensor, targets: torch.Tensor, col_valid: torch.Tensor,
+    same: torch.Tensor, mode: str,
+) -> torch.Tensor:
+    """Per-row loss when other samples of a row's class are in the batch (`same` (n, N) bool: column j
+    has row i's label; the partner column need not be set). mode 'ignore': they are neither positives
+    nor negatives (false-negative elimination: CE over the partner and the other classes' columns);
+    'positive': each is a positive, as in UniCL (Yang et al. 2022): -mean over positives of
+    log softmax_ij. Rows with no partner give 0; with no same-label column both equal the plain loss."""
+    logits = logit_scale * (q @ k.t())  # (n, N)
+    logits = logits.masked_fill(~col_valid[None, :], float("-inf"))
+    valid_rows = targets >= 0
+    safe_t = targets.clamp(min=0)
+    partner = torch.zeros_like(same)
+    partner[torch.arange(q.shape[0], device=q.device), safe_t] = True
+    others = same & ~partner & col_valid[None, :]
+    logits = torch.where(valid_rows[:, None], logits, torch.zeros_like(logits))
+    if mode == "ignore":
+        logits = logits.masked_fill(others & valid_rows[:, None], float("-inf"))
+        loss = F.cross_entropy(logits, safe_t, reduction="none")
+    elif mode == "positive":
+        pos = (partner | others) & valid_rows[:, None]
+        lse = torch.logsumexp(logits, dim=1)
+        mean_pos = torch.where(pos, logits, torch.zeros_like(logits)).sum(1) / pos.sum(1).clamp(min=1)
+        loss = lse - mean_pos
+    else:
+        raise ValueError(f"unknown same-label mode {mode!r}; expected 'ignore' or 'positive'")
+    return torch.where(valid_rows, loss, torch.zeros_like(loss))

@@ -62,3 +62,38 @@ def test_training_mode_only_and_off_by_default():
         m_again = masked(wav)[0]
     assert torch.equal(p_train, ref)  # off (the default): training mode changes nothing either
     assert not torch.allclose(m_train, ref) and torch.equal(m_train, m_again)
+
+
+# ---- vocal-tract-length perturbation (model.audio.freq_warp)
+def test_freq_warp_moves_a_tone_by_the_factor():
+    from mmpretrain.models.audio import freq_warp
+
+    f_bins, k = 201, 40
+    power = torch.zeros(3, f_bins, 5)
+    power[:, k] = 1.0
+    for a in (0.8, 1.0, 1.2):
+        torch.manual_seed(0)
+        out = freq_warp(power, a, a)
+        peak = (out[0, :, 0] * torch.arange(f_bins)).sum() / out[0, :, 0].sum()  # centre of the peak
+        assert abs(float(peak) - k * a) < 0.5, a
+    assert torch.equal(freq_warp(power, 1.0, 1.0), power)
+
+
+def test_freq_warp_only_in_training_and_seeded():
+    cfg = AudioTowerConfig(width=32, depth=1, heads=2, n_mels=32, hop_length=80, patch_size=8, freq_warp=[0.85, 1.15])
+    torch.manual_seed(0)
+    warped = AudioTransformer(cfg, RATE, SAMPLES)
+    plain = _tower()
+    plain.load_state_dict(warped.state_dict())
+    wav = torch.randn(4, SAMPLES)
+    warped.eval(), plain.eval()
+    assert torch.equal(warped(wav)[0], plain(wav)[0])  # eval: no warp
+    warped.train(), plain.train()
+    torch.manual_seed(3)
+    a = warped(wav)[0]
+    torch.manual_seed(3)
+    b = warped(wav)[0]
+    assert torch.equal(a, b)  # the same seed, the same factors
+    assert not torch.allclose(a, plain(wav)[0], atol=1e-4)  # training: warped
+    spectra = warped.mel(wav, (1.2, 1.2)), warped.mel(wav)
+    assert not torch.allclose(*spectra, atol=1e-3)
