@@ -29,6 +29,7 @@ VARIANTS: Dict[str, List[str]] = {
     "no_spec_augment": ["model.audio.spec_augment.time_masks=0", "model.audio.spec_augment.freq_masks=0"],
     "speed_wide": ["data.audio_augment.speed=[0.7,1.4]"],  # a trial, not an ablation
     "vtlp": ["model.audio.freq_warp=[0.85,1.15]"],  # a trial, not an ablation
+    "per_bin_norm": ["model.audio.mel_norm=per_bin"],  # a trial, not an ablation
     "no_image_aug": ["data.image_augment.rotate_deg=0", "data.image_augment.scale=[1,1]",
                      "data.image_augment.shear_deg=0", "data.image_augment.translate=0",
                      "data.image_augment.brightness=0", "data.image_augment.contrast=0",

@@ -178,6 +178,10 @@ class AudioTowerConfig(TowerConfig):
     # spectrum is stretched along frequency by a factor drawn from [low, high] (formants move, pitch
     # and tempo stay: speaker variation speed perturbation cannot give alone); [1, 1] = off
     freq_warp: List[float] = field(default_factory=lambda: [1.0, 1.0])
+    # log-mel normalisation per clip: utterance (one mean / std over the whole clip) | per_bin (each mel
+    # bin's mean over time removed first: cepstral mean normalisation, the voice's and channel's
+    # long-term spectral shape taken out), native tower
+    mel_norm: str = "utterance"
     patch_size: int = 8
 
 
@@ -382,6 +386,7 @@ _CHOICES = {
     "loss.kind": ("infonce", "siglip"),
     "loss.impl": ("naive", "tiled"),
     "loss.same_label": ("negative", "ignore", "positive"),
+    "model.audio.mel_norm": ("utterance", "per_bin"),
     "train.precision": tuple(DTYPES),
     "train.zero_stage": (0, 1, 2, 3),
     "train.compile": ("off", "inductor", "aot_eager", "eager"),

@@ -38,9 +38,9 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float = 0.0
 class LogMel(nn.Module):
     """Waveform (B, S) -> normalized log-mel (B, 1, n_mels, frames), always in fp32."""
 
-    def __init__(self, sample_rate: int, n_fft: int, hop_length: int, n_mels: int) -> None:
+    def __init__(self, sample_rate: int, n_fft: int, hop_length: int, n_mels: int, norm: str = "utterance") -> None:
         super().__init__()
-        self.n_fft, self.hop = n_fft, hop_length
+        self.n_fft, self.hop, self.norm = n_fft, hop_length, norm
         # buffers, not parameters: ZeRO must not partition or optimize them
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
         fb = mel_filterbank(n_fft, n_mels, sample_rate)  # on the CPU: placed where this module's tensors go
@@ -59,6 +59,8 @@ class LogMel(nn.Module):
                 power = freq_warp(power, *warp)
             mel = torch.matmul(power.transpose(1, 2), self.fb.float()).transpose(1, 2)  # (B, M, T)
             logmel = torch.log(mel + 1e-6)
+            if self.norm == "per_bin":  # each bin's mean over time out (model.audio.mel_norm)
+                logmel = logmel - logmel.mean(dim=2, keepdim=True)
             # per-utterance normalization keeps scale independent of loudness
             logmel = (logmel - logmel.mean(dim=(1, 2), keepdim=True)) / (logmel.std(dim=(1, 2), keepdim=True) + 1e-5)
         return logmel[:, None]
@@ -102,7 +104,7 @@ class AudioTransformer(nn.Module):
     def __init__(self, cfg: AudioTowerConfig, sample_rate: int, num_samples: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.width = cfg.width
-        self.mel = LogMel(sample_rate, cfg.n_fft, cfg.hop_length, cfg.n_mels)
+        self.mel = LogMel(sample_rate, cfg.n_fft, cfg.hop_length, cfg.n_mels, getattr(cfg, "mel_norm", "utterance"))
         frames = num_samples // cfg.hop_length + 1
         self.frames = frames - frames % cfg.patch_size  # crop to whole patches
         self.patch = nn.Conv2d(1, cfg.width, cfg.patch_size, stride=cfg.patch_size)

@@ -97,3 +97,22 @@ def test_freq_warp_only_in_training_and_seeded():
     assert not torch.allclose(a, plain(wav)[0], atol=1e-4)  # training: warped
     spectra = warped.mel(wav, (1.2, 1.2)), warped.mel(wav)
     assert not torch.allclose(*spectra, atol=1e-3)
+
+
+# ---- model.audio.mel_norm
+def test_per_bin_norm_takes_out_a_fixed_filter():
+    """A fixed filter (pre-emphasis: a spectral tilt, as a different microphone or vocal tract would
+    give) shifts each log-mel bin by about a constant: per_bin takes it out, utterance does not."""
+    from mmpretrain.models.audio import LogMel
+
+    torch.manual_seed(0)
+    t = torch.arange(SAMPLES) / RATE
+    wav = (torch.sin(2 * torch.pi * 300 * t) * torch.sin(2 * torch.pi * 3 * t) + 0.3 * torch.randn(SAMPLES))[None]
+    tilted = torch.cat([wav[:, :1], wav[:, 1:] - 0.9 * wav[:, :-1]], 1)
+    for norm, changes in (("utterance", True), ("per_bin", False)):
+        mel = LogMel(RATE, 256, 80, 32, norm=norm)
+        a, b = mel(wav), mel(tilted)
+        diff = float((a - b)[..., 4:-4].abs().mean())  # edges: the filter's and the padding's start-up
+        assert (diff > 0.3) if changes else (diff < 0.1), (norm, diff)
+        if norm == "per_bin":
+            assert float(a.mean(3).abs().max()) < 1e-4  # every bin's mean over time is 0
