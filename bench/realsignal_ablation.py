@@ -22,12 +22,16 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: Dict[str, List[str]] = {
-    "full": [],
+    "full": [],  # configs/realsignal.yaml as it is
     "same_label_negative": ["loss.same_label=negative"],  # CLIP's loss: classmates are negatives
-    "no_audio_aug": ["data.audio_augment.placement=repeat", "data.audio_augment.gain_db=[0,0]",
-                     "data.audio_augment.noise_prob=0", "data.audio_augment.speed=[1,1]"],
+    # the waveform augmentation the config had first (off now: it hurt the unseen voices)
+    "with_audio_aug": ["data.audio_augment.placement=random", "data.audio_augment.gain_db=[-6,6]",
+                       "data.audio_augment.noise_prob=0.5", "data.audio_augment.noise_snr_db=[10,30]",
+                       "data.audio_augment.speed=[0.8,1.25]"],
     "no_spec_augment": ["model.audio.spec_augment.time_masks=0", "model.audio.spec_augment.freq_masks=0"],
-    "speed_wide": ["data.audio_augment.speed=[0.7,1.4]"],  # a trial, not an ablation
+    "speed_wide": ["data.audio_augment.placement=random", "data.audio_augment.gain_db=[-6,6]",  # a trial
+                   "data.audio_augment.noise_prob=0.5", "data.audio_augment.noise_snr_db=[10,30]",
+                   "data.audio_augment.speed=[0.7,1.4]"],
     "vtlp": ["model.audio.freq_warp=[0.85,1.15]"],  # a trial, not an ablation
     "per_bin_norm": ["model.audio.mel_norm=per_bin"],  # a trial, not an ablation
     "no_image_aug": ["data.image_augment.rotate_deg=0", "data.image_augment.scale=[1,1]",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Dict, Iterator, List
 
@@ -146,8 +147,13 @@ def test_two_segments_land_in_one_wandb_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = _cfg(tmp_path, "log.report_to=[wandb]")
+    started = int(time.time())
     _segment(cfg, 0, 5, seg=1, eval_at=5)
     run_id = (tmp_path / "wandb_id").read_text().strip()
+    # wandb names an offline run's directory by its start second and id: two segments started in the
+    # same second (a fast machine; a real requeue takes far longer) would share one directory
+    while int(time.time()) <= started:
+        time.sleep(0.05)
     _segment(cfg, 5, 10, seg=2)
     assert (tmp_path / "wandb_id").read_text().strip() == run_id
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
