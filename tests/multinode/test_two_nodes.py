@@ -307,7 +307,10 @@ def test_losing_a_node_ends_every_launcher_and_slurm_resumes(two_nodes, tiny_dat
     fields = job.fields()
     assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", job.diag()
     assert int(fields.get("Restarts", "0")) >= 1, job.diag()
-    assert "a rank was lost" in job.log(), job.log()[-4000:]
+    # requeued by its script ("a rank was lost"), or by slurmctld itself when it marked node2 down and
+    # requeued the job (--requeue) before the script's echo ran: a race; the restart count shows either
+    log = job.log()
+    assert "a rank was lost" in log or "SLURM_RESTART_COUNT=1" in log, log[-4000:]
     resumed = f"resumed from {outs['slurm']}/checkpoints/step_{last_ckpt:08d}"
     assert resumed in (outs["slurm"] / "logs" / "rank0.log").read_text()
     assert _steps(outs["slurm"]) == steps
