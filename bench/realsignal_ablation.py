@@ -34,6 +34,7 @@ VARIANTS: Dict[str, List[str]] = {
                    "data.audio_augment.speed=[0.7,1.4]"],
     "vtlp": ["model.audio.freq_warp=[0.85,1.15]"],  # a trial, not an ablation
     "per_bin_norm": ["model.audio.mel_norm=per_bin"],  # a trial, not an ablation
+    "conv_stem": ["model.vision.stem=conv"],  # a trial: stride-2 3x3 convs instead of one patchify
     "no_image_aug": ["data.image_augment.rotate_deg=0", "data.image_augment.scale=[1,1]",
                      "data.image_augment.shear_deg=0", "data.image_augment.translate=0",
                      "data.image_augment.brightness=0", "data.image_augment.contrast=0",
