@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 
 from mmpretrain.config import AudioTowerConfig
-from mmpretrain.models.transformer import Encoder
-from mmpretrain.models.vision import class_token_index
+from mmpretrain.models.transformer import Encoder, class_token_index
 
 
 def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
@@ -101,6 +100,7 @@ def spec_augment(spec: torch.Tensor, time_masks: int, time_width: int, freq_mask
 
 class AudioTransformer(nn.Module):
     supports_pooled_only = True  # forward(..., pooled_only=True): the class token alone, tokens None
+
     def __init__(self, cfg: AudioTowerConfig, sample_rate: int, num_samples: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.width = cfg.width
@@ -128,6 +128,6 @@ class AudioTransformer(nn.Module):
             spec = spec_augment(spec, *self.spec_augment)
         x = self.patch(spec.to(self.patch.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
-        idx = class_token_index(x, self.encoder) if pooled_only else None
+        idx = class_token_index(x) if pooled_only else None
         x = self.ln_post(self.encoder(self.ln_pre(x), pool_index=idx))
         return (x[:, 0], None) if idx is not None else (x[:, 0], x[:, 1:])

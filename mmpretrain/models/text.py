@@ -13,6 +13,7 @@ from mmpretrain.models.transformer import DecodeCache, Encoder
 
 class TextTransformer(nn.Module):
     supports_pooled_only = True  # forward(..., pooled_only=True): the EOS state alone, states None
+
     def __init__(self, cfg: TextTowerConfig, vocab_size: int, context_len: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.width, self.context_len = cfg.width, context_len
@@ -35,7 +36,7 @@ class TextTransformer(nn.Module):
         if start + tokens.shape[1] > self.context_len:
             raise ValueError(f"text longer than the context ({self.context_len} tokens)")
         x = self.tok(tokens) + self.pos[:, start: start + tokens.shape[1]]
-        if pooled_only and lengths is not None and cache is None and len(self.encoder.blocks):
+        if pooled_only and lengths is not None and cache is None:
             x = self.ln_post(self.encoder(x, causal=True, pool_index=(lengths - 1).clamp(min=0)))
             return x[:, 0], None
         x = self.ln_post(self.encoder(x, causal=True, cache=cache))  # causal: padding after EOS is never seen

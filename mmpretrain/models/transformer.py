@@ -193,7 +193,14 @@ class Encoder(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, **kw)
             else:
                 x = blk(x, cache=cache.layers[i] if cache is not None else None, **kw)
+        if pool_index is not None and not self.blocks:  # no last block to narrow: pick the positions here
+            x = x[torch.arange(x.shape[0], device=x.device), pool_index][:, None]
         return x
+
+
+def class_token_index(x: torch.Tensor) -> torch.Tensor:
+    """Position 0 of every row of x (B, T, W): the class token, as Encoder's pool_index."""
+    return x.new_zeros(x.shape[0], dtype=torch.long)
 
 
 def set_grad_checkpointing(module: nn.Module, on: bool) -> int:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from mmpretrain.config import TowerConfig
-from mmpretrain.models.transformer import Encoder
+from mmpretrain.models.transformer import Encoder, class_token_index
 
 
 def conv_stem(width: int, patch_size: int) -> nn.Sequential:
@@ -26,6 +26,7 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
 
 class VisionTransformer(nn.Module):
     supports_pooled_only = True  # forward(..., pooled_only=True): the class token alone, tokens None
+
     def __init__(self, cfg: TowerConfig, image_size: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.width = cfg.width
@@ -47,11 +48,7 @@ class VisionTransformer(nn.Module):
         (tokens None)."""
         x = self.patch(images).flatten(2).transpose(1, 2)  # (B, N, W)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
-        idx = class_token_index(x, self.encoder) if pooled_only else None
+        idx = class_token_index(x) if pooled_only else None
         x = self.ln_post(self.encoder(self.ln_pre(x), pool_index=idx))
         return (x[:, 0], None) if idx is not None else (x[:, 0], x[:, 1:])
 
-
-def class_token_index(x: torch.Tensor, encoder: Encoder) -> Optional[torch.Tensor]:
-    """Position 0 for every row (Encoder's pool_index), or None for an encoder without blocks."""
-    return x.new_zeros(x.shape[0], dtype=torch.long) if len(encoder.blocks) else None

@@ -96,6 +96,8 @@ def test_last_block_does_a_quarter_of_its_work(monkeypatch):
 
 
 def test_encoder_without_blocks_still_pools():
+    """No last block to narrow: the encoder picks the asked positions itself, (B, 1, W) as with blocks."""
     enc = Encoder(8, 0, 2, 4.0)
     x = torch.randn(2, 5, 8)
-    assert torch.equal(enc(x, pool_index=torch.zeros(2, dtype=torch.long)), x)
+    assert torch.equal(enc(x, pool_index=torch.tensor([0, 3])), torch.stack([x[0, :1], x[1, 3:4]]))
+    assert torch.equal(enc(x), x)
