@@ -34,7 +34,7 @@ VARIANTS: Dict[str, List[str]] = {
                    "data.audio_augment.speed=[0.7,1.4]"],
     "vtlp": ["model.audio.freq_warp=[0.85,1.15]"],  # a trial, not an ablation
     "per_bin_norm": ["model.audio.mel_norm=per_bin"],  # a trial, not an ablation
-    "conv_stem": ["model.vision.stem=conv"],  # a trial: stride-2 3x3 convs instead of one patchify
+    "patch_stem": ["model.vision.stem=patch"],  # one patchify conv, as the config had before its conv stem
     "no_image_aug": ["data.image_augment.rotate_deg=0", "data.image_augment.scale=[1,1]",
                      "data.image_augment.shear_deg=0", "data.image_augment.translate=0",
                      "data.image_augment.brightness=0", "data.image_augment.contrast=0",
@@ -136,6 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("variants", nargs="*", help=f"of {', '.join(VARIANTS)} (default: all)")
     ap.add_argument("--data", default="data/realsignal", type=Path)
     ap.add_argument("--out", default="runs/rs-ablation", type=Path)
+    ap.add_argument("--suffix", default="", help="appended to each run's directory name (repeat runs)")
     ap.add_argument("--table", type=Path, help="only print the table of the runs under this dir")
     a = ap.parse_args(argv)
     if a.table:
@@ -146,7 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     data, out = a.data.resolve(), a.out.resolve()
     for name in a.variants or list(VARIANTS):
-        run_variant(name, VARIANTS[name], data, out)
+        run_variant(name + a.suffix, VARIANTS[name], data, out)
         print(table(out), flush=True)
     return 0
 
