@@ -35,6 +35,7 @@ VARIANTS: Dict[str, List[str]] = {
     "vtlp": ["model.audio.freq_warp=[0.85,1.15]"],  # a trial, not an ablation
     "per_bin_norm": ["model.audio.mel_norm=per_bin"],  # a trial, not an ablation
     "patch_stem": ["model.vision.stem=patch"],  # one patchify conv, as the config had before its conv stem
+    "first_caption": ["data.caption_sampling=false"],  # always the first of the json's caption templates
     "no_image_aug": ["data.image_augment.rotate_deg=0", "data.image_augment.scale=[1,1]",
                      "data.image_augment.shear_deg=0", "data.image_augment.translate=0",
                      "data.image_augment.brightness=0", "data.image_augment.contrast=0",

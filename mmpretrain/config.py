@@ -111,6 +111,9 @@ class DataConfig:
     # training-time randomness: random resized crop, audio crop, caption choice, and the augment sections below
     train_augment: bool = True
     crop_min_scale: float = 0.9  # random resized crop: smallest area share kept
+    # a json caption field holding a list: training draws one option per sample and epoch; false: always
+    # the first, as eval does (the ablation's text-variation switch)
+    caption_sampling: bool = True
     # off by default, as in OpenCLIP: a mirror image contradicts captions that say left / right and
     # mirrors digits and written text; turn it on for data where orientation carries no meaning
     hflip: bool = False

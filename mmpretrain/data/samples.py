@@ -182,7 +182,7 @@ class SampleProcessor:
             rng = np.random.default_rng([*aug_seed, m.aug_stream]) if self.train and self.cfg.train_augment else None
             arrays[name] = m.decode(data, self.cfg, rng)
         text, captions = p.text, p.captions
-        if self.train and self.cfg.train_augment and (p.text_options or any(len(o) > 1 for o in p.caption_options.values())):
+        if self.train and self.cfg.train_augment and self.cfg.caption_sampling and (p.text_options or any(len(o) > 1 for o in p.caption_options.values())):
             # one option per sample and epoch, from the sample's position like the media: resume-exact
             rng = np.random.default_rng([*aug_seed, CAPTION_STREAM])
             if p.text_options:

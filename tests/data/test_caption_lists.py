@@ -45,7 +45,9 @@ def test_training_draws_every_option_eval_takes_the_first():
     ev, _, _ = _proc(False)
     assert {_text(tok, ev.decode(ev.prepare(_raw({"caption": OPTIONS}), spec), e, (0, 0, 0, e, 0, 5)).text)
             for e in range(10)} == {OPTIONS[0]}
-    proc.cfg.train_augment = False  # augmentation off: the first, like eval
+    proc.cfg.caption_sampling = False  # caption variation off: the first, like eval
+    assert {_text(tok, proc.decode(p, e, (0, 0, 0, e, 0, 5)).text) for e in range(10)} == {OPTIONS[0]}
+    proc.cfg.caption_sampling, proc.cfg.train_augment = True, False  # all augmentation off: the first too
     assert _text(tok, proc.decode(p, 3, (0, 0, 0, 3, 0, 5)).text) == OPTIONS[0]
 
 
