@@ -222,19 +222,19 @@ class MultimodalModel(nn.Module):
                         with_tokens: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(B, E) embeddings with zeros at absent rows, and (B, N, W) tokens when `with_tokens` (and the
         tower gives them), else None."""
+        def run(inp: torch.Tensor, lens: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+            if with_tokens:
+                return self.encode(name, inp, lens, return_tokens=True)
+            return self.encode(name, inp, lens), None  # pooled only: the last block prunes its queries
+
         n = x.shape[0]
         if bool(mask.all()):
-            e, t = self.encode(name, x, lengths, return_tokens=True) if with_tokens else (self.encode(name, x, lengths), None)
-            return e, t
+            return run(x, lengths)
         rows = mask.nonzero().squeeze(1)
         dummy = rows.numel() == 0
         if dummy:
             rows = torch.zeros(1, dtype=torch.long, device=x.device)
-        sub_len = None if lengths is None else lengths.index_select(0, rows)
-        if with_tokens:
-            e, t = self.encode(name, x.index_select(0, rows), sub_len, return_tokens=True)
-        else:
-            e, t = self.encode(name, x.index_select(0, rows), sub_len), None
+        e, t = run(x.index_select(0, rows), None if lengths is None else lengths.index_select(0, rows))
         if dummy:  # graph kept (zero gradients reach every parameter of the tower), nothing placed
             return (e.new_zeros(n, *e.shape[1:]) + 0 * e.sum(),
                     None if t is None else t.new_zeros(n, *t.shape[1:]) + 0 * t.sum())

@@ -83,3 +83,39 @@ def test_soxr_and_scipy_resample_alike(monkeypatch):
     mid = slice(1000, 15000)
     assert np.abs(fast[mid] - slow[mid]).max() < 1e-2
     assert _peak_hz(fast, 16000) == pytest.approx(440, abs=2) and _peak_hz(slow, 16000) == pytest.approx(440, abs=2)
+
+
+def test_resize_crop_computes_pils_bicubic_filter():
+    """The crop + resize kernel (torch's uint8 antialiased bicubic) against PIL's BICUBIC resize of
+    the same crop on a photo-like image: equal to a level's rounding when downscaling (the training
+    case) and upscaling; close after a large reduction (both first average blocks, PIL by another factor)."""
+    from PIL import Image
+
+    from mmpretrain.data.decode import resize_crop
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:384, 0:1530]
+    base = np.stack([x * 0.5, y * 0.6, (x + y) * 0.3], -1) % 255
+    img = Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+    for box, size in (((10, 5, 380, 375), 224), ((100, 40, 124, 64), 56)):
+        got = resize_crop(img, box, size).astype(int)
+        ref = np.asarray(img.crop(box).resize((size, size), Image.BICUBIC)).astype(int)
+        assert got.shape == (size, size, 3) and np.abs(got - ref).max() <= 1, box
+    got = resize_crop(img, (0, 0, 1530, 384), 32).astype(int)
+    ref = np.asarray(img.resize((32, 32), Image.BICUBIC, reducing_gap=3.0)).astype(int)
+    assert np.abs(got - ref).mean() < 1.0 and np.abs(got - ref).max() <= 12
+
+
+def test_resize_crop_falls_back_to_pil_without_the_uint8_kernel(monkeypatch):
+    from PIL import Image
+
+    from mmpretrain.data.decode import resize_crop
+
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+
+    def no_uint8(*args, **kwargs):
+        raise RuntimeError("upsample_bicubic2d_aa not implemented for 'Byte'")
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", no_uint8)
+    got = resize_crop(img, (5, 5, 45, 45), 20)
+    assert np.array_equal(got, np.asarray(img.resize((20, 20), Image.BICUBIC, box=(5, 5, 45, 45))))
