@@ -106,10 +106,12 @@ def _pixel_box(box: Tuple[float, ...], w: int, h: int) -> Tuple[int, int, int, i
 
 def resize_crop(img: Image.Image, box: Tuple[int, int, int, int], size: int) -> np.ndarray:
     """The pixel `box` of an RGB image resized to (size, size, 3) uint8 with an antialiased bicubic
-    filter (the crop's own pixels only: PIL's resize with a box also reads its neighbours at the edges). torch's uint8 channels-last kernel computes PIL's filter (levels within a few of
-    Image.resize BICUBIC, mean difference ~0.02) in a quarter of the time on one core: it was the
-    largest cost of an image sample after JPEG decoding (bench/data_throughput.py). Reductions by 6x
-    or more first average whole blocks (PIL's reduce, as Image.resize's reducing_gap=3 does)."""
+    filter, from the crop's own pixels (PIL's resize with a box also reads its neighbours at the edges).
+    torch's uint8 channels-last kernel computes PIL's filter (equal to PIL's resize of the same crop
+    within one level) in a quarter of PIL's time on one core: the resize was the largest cost of an image
+    sample after JPEG decoding (bench/data_throughput.py). Reductions by 6x or more first average whole
+    blocks (PIL's reduce, as Image.resize's reducing_gap=3 does). A torch without the uint8 kernel gets
+    PIL's box resize instead."""
     import torch  # lazy: this module stays importable without torch for the data tools
 
     factor = int(min(box[2] - box[0], box[3] - box[1]) / size / 3.0)

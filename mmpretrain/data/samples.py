@@ -176,13 +176,15 @@ class SampleProcessor:
 
     def decode(self, p: Prepared, epoch: int, aug_seed: Tuple[int, ...]) -> Example:
         """Decode media; training augmentation is seeded by the sample's stream position."""
+        augment = self.train and self.cfg.train_augment
         arrays = {}
         for name, data in p.media.items():
             m = M.get(name)
-            rng = np.random.default_rng([*aug_seed, m.aug_stream]) if self.train and self.cfg.train_augment else None
+            rng = np.random.default_rng([*aug_seed, m.aug_stream]) if augment else None
             arrays[name] = m.decode(data, self.cfg, rng)
         text, captions = p.text, p.captions
-        if self.train and self.cfg.train_augment and self.cfg.caption_sampling and (p.text_options or any(len(o) > 1 for o in p.caption_options.values())):
+        if augment and self.cfg.caption_sampling and (
+                p.text_options or any(len(o) > 1 for o in p.caption_options.values())):
             # one option per sample and epoch, from the sample's position like the media: resume-exact
             rng = np.random.default_rng([*aug_seed, CAPTION_STREAM])
             if p.text_options:
