@@ -1,7 +1,11 @@
 """Data pipeline throughput per worker: raw tar read, decode only (PIL + soundfile on the same
 bytes) and the full loader, for image-text, audio-text and image-text-audio shards.
 
-Example: python bench/data_throughput.py [--samples 256 --image-size 224 --workers 2]
+The last column is issue 15's P2 figure (tri-modal row): the loader with N workers against N times
+one process's decode-only rate; "decode xN procs" is N processes decoding at once, what N cores
+actually give on this machine.
+
+Example: python bench/data_throughput.py [--samples 256 --image-size 224 --workers 2 --rounds 5]
 """
 from __future__ import annotations
 
@@ -107,6 +111,31 @@ def bench_pipeline(url: str, args, workers: int) -> float:
     return rate
 
 
+def bench_decode_parallel(url: str, processes: int) -> float:
+    """Summed decode-only rate of `processes` processes decoding at once: what that many cores give
+    on this machine (two vCPUs of a VM often give less than twice one)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue, barrier = ctx.Queue(), ctx.Barrier(processes)
+    procs = [ctx.Process(target=_decode_worker, args=(url, queue, barrier)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    rates = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(rates)
+
+
+def _decode_worker(url: str, queue, barrier) -> None:
+    barrier.wait()
+    queue.put(bench_decode(url))
+
+
+def _median(xs: List[float]) -> float:
+    return float(np.median(xs))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=256)
@@ -114,22 +143,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--clip-seconds", type=float, default=5.0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2, help="also time the loader with this many workers")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate the measurements this many times and print medians (a shared VM's "
+                         "speed drifts between readings; the ratio is taken within each round)")
+    ap.add_argument("--kinds", default="image-text,audio-text,image-text-audio")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     kinds = {"image-text": "it", "audio-text": "at", "image-text-audio": "ita"}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, kind in kinds.items():
-            url = make_set(tmp, kind, args.samples)
-            rows.append((label, bench_raw(url), bench_decode(url), bench_pipeline(url, args, 0),
-                         bench_pipeline(url, args, args.workers) if args.workers else float("nan")))
+        for label in args.kinds.split(","):
+            url = make_set(tmp, kinds[label], args.samples)
+            reads: Dict[str, List[float]] = {k: [] for k in ("raw", "dec", "decn", "pipe1", "pipen", "ratio")}
+            for r in range(args.rounds):
+                reads["raw"].append(bench_raw(url))
+                reads["dec"].append(bench_decode(url))
+                reads["pipe1"].append(bench_pipeline(url, args, 0))
+                if args.workers:
+                    reads["pipen"].append(bench_pipeline(url, args, args.workers))
+                    reads["decn"].append(bench_decode_parallel(url, args.workers))
+                    reads["ratio"].append(reads["pipen"][-1] / (args.workers * reads["dec"][-1]))
+                if args.rounds > 1:
+                    print(f"{label} round {r + 1}: decode {reads['dec'][-1]:.0f}, pipeline x{args.workers} "
+                          f"{reads['pipen'][-1] if args.workers else float('nan'):.0f}, ratio "
+                          f"{reads['ratio'][-1] if args.workers else float('nan'):.2f}", flush=True)
+            rows.append((label, {k: _median(v) if v else float("nan") for k, v in reads.items()}))
+    w = args.workers
     print(f"samples/s ({args.samples} samples; jpeg 510x384 -> {args.image_size}px; flac 10 s 44.1 kHz -> "
-          f"{args.clip_seconds:g} s 16 kHz; cpu cores {os.cpu_count()})")
-    head = f"{'data':<18}{'raw tar read':>14}{'decode only':>13}{'pipeline/worker':>17}{f'pipeline x{args.workers}':>14}"
+          f"{args.clip_seconds:g} s 16 kHz; cpu cores {os.cpu_count()}; median of {args.rounds} round(s))")
+    head = (f"{'data':<18}{'raw tar read':>14}{'decode only':>13}{f'decode x{w} procs':>17}{'pipeline/worker':>17}"
+            f"{f'pipeline x{w}':>14}{f'x{w} / ({w} x decode)':>20}")
     print(head)
     print("-" * len(head))
-    for label, raw, dec, pipe1, pipe_n in rows:
-        print(f"{label:<18}{raw:>14.0f}{dec:>13.0f}{pipe1:>17.0f}{pipe_n:>14.0f}")
+    for label, m in rows:
+        print(f"{label:<18}{m['raw']:>14.0f}{m['dec']:>13.0f}{m['decn']:>17.0f}{m['pipe1']:>17.0f}{m['pipen']:>14.0f}"
+              f"{m['ratio']:>20.2f}")
     return 0
 
 

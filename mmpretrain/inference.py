@@ -50,12 +50,12 @@ class InferenceModel:
     def preprocess(self, modality: str, items: Union[torch.Tensor, Sequence[Any]]) -> torch.Tensor:
         """A batch input for a media modality: a tensor passes through; else each item is a path,
         bytes, a PIL image (saved as PNG first) or an array already in the model's sample format
-        (a 1-D signal is cut / repeat-padded to the clip length, then through the modality's front end)."""
+        (float: normalised images; a 1-D signal is cut / repeat-padded to the clip length, then through the modality's front end)."""
         m = modalities.get(modality)
         if m.kind != "media":
             raise ValueError(f"'{modality}' is not a media modality; text goes through tokenize()")
-        if isinstance(items, torch.Tensor):
-            return items.float()
+        if isinstance(items, torch.Tensor):  # model input already, or 8-bit levels (decode's images)
+            return modalities.to_model_input(m, items, self.cfg.data).float()
         shape = m.sample_shape(self.cfg.data)
         arrs = []
         for x in items:
@@ -74,7 +74,9 @@ class InferenceModel:
                 arrs.append(x)
             else:
                 arrs.append(m.decode(_read_bytes(x), self.cfg.data, None))
-        return torch.from_numpy(np.stack(arrs))
+        # decoded images are 8-bit levels: normalised here, so that they stack with given float arrays
+        return torch.stack([modalities.to_model_input(m, torch.from_numpy(a)[None], self.cfg.data)[0]
+                            for a in arrs])
 
     def tokenize(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):

@@ -5,7 +5,8 @@ later stage reads. Adding a modality is one `register(Modality(...))` (a plugin 
 mmpretrain.plugins); nothing else in the package lists modality names.
 
 Text is the one modality of kind "text": it is tokenized, not decoded, and its tower also feeds
-the caption decoder. Every other modality is "media": bytes -> fixed-shape float array."""
+the caption decoder. Every other modality is "media": bytes -> fixed-shape float array (or uint8
+levels that the model normalises on its device: Modality.level_affine, images)."""
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,8 @@ if TYPE_CHECKING:  # the registry itself is torch-free: config checks import it,
 
 TEXT = "text"  # the anchor modality's name: captions are text, and the decoder reads its tower
 
-# (bytes, DataConfig, rng or None for eval) -> float32 array of sample_shape(DataConfig)
+# (bytes, DataConfig, rng or None for eval) -> array of sample_shape(DataConfig): float32, or uint8
+# levels where the modality has a level_affine
 Decoder = Callable[[bytes, Any, Optional[np.random.Generator]], np.ndarray]
 # (Config, vocab_size) -> an nn.Module meeting the tower interface (see Modality below)
 TowerBuilder = Callable[[Any, int], "nn.Module"]
@@ -56,6 +58,10 @@ class Modality:
     from_signal: Optional[Callable[[np.ndarray, Any], np.ndarray]] = None
     # the argument name transformers gives this input (mmpretrain.hf: forward(pixel_values=...))
     hf_input: str = ""
+    # (DataConfig) -> (scale, shift) per channel (dim 1). Set: decode gives uint8 levels, batched as
+    # uint8 (a quarter of float32's worker memory traffic, shared memory and host -> device copy), and
+    # the model's input is level * scale + shift, computed on its device (to_model_input)
+    level_affine: Optional[Callable[[Any], Tuple[Sequence[float], Sequence[float]]]] = None
     towers: Dict[str, TowerBuilder] = field(default_factory=dict)  # kind -> builder; "native" is the default
 
 
@@ -249,7 +255,8 @@ def validate_config(cfg: Any) -> Optional[str]:
 class Batch:
     """One batch, as `collate` makes it. Absent modalities are zeros with a False mask.
 
-    inputs[m]: media (B, *sample_shape); text: token ids (B, L). masks[m]: (B,) bool for every
+    inputs[m]: media (B, *sample_shape): float32, or uint8 levels for a modality with a level_affine
+    (images; the model normalises them, to_model_input); text: token ids (B, L). masks[m]: (B,) bool for every
     registered modality. text_len: (B,) tokens BOS..EOS (0 = no text). captions[m] / caption_len[m]:
     the caption of captioned modality m (json `caption_<m>`, else the text)."""
 
@@ -269,14 +276,15 @@ class Batch:
 
     def to(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> "Batch":
         """Tensors to `device`; media inputs to the compute `dtype` (float32 when None) unless the
-        modality keeps fp32."""
+        modality keeps fp32 or the input is 8-bit levels (the model maps those: to_model_input)."""
         import torch
 
         dtype = dtype or torch.float32
 
         def mv(name: str, t: torch.Tensor) -> torch.Tensor:
             t = t.to(device, non_blocking=True)
-            if name in _REGISTRY and _REGISTRY[name].kind == "media" and not _REGISTRY[name].keep_fp32:
+            m = _REGISTRY.get(name)
+            if m is not None and m.kind == "media" and not m.keep_fp32 and t.dtype != torch.uint8:
                 t = t.to(dtype)
             return t
 
@@ -303,6 +311,30 @@ class Batch:
                      None if self.groups is None else self.groups[idx.to(self.groups.device)])
 
 
+def to_model_input(m: Modality, x: torch.Tensor, data_cfg: Any, dtype: Optional[torch.dtype] = None,
+                   cache: Optional[Dict[Any, Any]] = None) -> torch.Tensor:
+    """A batch input (B, C, ...) as its tower takes it: 8-bit levels of a modality with a level_affine become
+    level * scale + shift in float32, then `dtype` (float32 when None); any other input is returned
+    as it is (float inputs are model input already). `cache` keeps the (scale, shift) tensors per
+    device, so a step makes no host -> device copy for them."""
+    import torch
+
+    if x.dtype != torch.uint8 or m.level_affine is None:
+        return x
+    key = (m.name, x.device)
+    if cache is None or key not in cache:
+        scale, shift = m.level_affine(data_cfg)
+        pair = (torch.tensor(scale, dtype=torch.float32, device=x.device),
+                torch.tensor(shift, dtype=torch.float32, device=x.device))
+        if cache is None:
+            cache = {}
+        cache[key] = pair
+    scale_t, shift_t = cache[key]
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = torch.addcmul(shift_t.view(shape), x.float(), scale_t.view(shape))
+    return y if dtype in (None, torch.float32) else y.to(dtype)
+
+
 # ----------------------------------------------------------------------------- the built-in modalities
 
 
@@ -321,6 +353,7 @@ def _lazy(module: str, attr: str) -> Callable[..., Any]:
 
 
 _decode_image = _lazy("mmpretrain.data.decode", "decode_image")
+_pixel_affine = _lazy("mmpretrain.data.decode", "pixel_affine")
 _VisionTransformer = _lazy("mmpretrain.models.vision", "VisionTransformer")
 _AudioTransformer = _lazy("mmpretrain.models.audio", "AudioTransformer")
 _TextTransformer = _lazy("mmpretrain.models.text", "TextTransformer")
@@ -339,9 +372,10 @@ register(Modality(
     name="image", member_keys="jpg;jpeg;png;webp", captioned=True, aug_stream=1, config_section="vision",
     hf_input="pixel_values",
     decode=lambda b, d, rng: _decode_image(b, d.image_size, rng, max_pixels=d.max_image_pixels,
-                                         min_scale=d.crop_min_scale, hflip=d.hflip, mean=d.image_mean, std=d.image_std,
+                                         min_scale=d.crop_min_scale, hflip=d.hflip, mean=d.image_mean,
                                          augment=getattr(d, "image_augment", None)),
     sample_shape=lambda d: (3, d.image_size, d.image_size),
+    level_affine=lambda d: _pixel_affine(d.image_mean, d.image_std),  # uint8 pixels, normalised on the device
     towers={"native": lambda cfg, vocab: _VisionTransformer(cfg.model.vision, cfg.data.image_size,
                                                                    tower_dropout(cfg, "vision")),
             "hf": lambda cfg, vocab: _HFImageTower(cfg.model.vision)},  # a local transformers vision model

@@ -43,9 +43,16 @@ def kill_in_save() -> None:
 
 
 def poison_image(batch, value: float = float("nan")) -> None:
-    """Set the first image of a batch (typed Batch with `.inputs`, or a dict) to `value`."""
-    images = batch.inputs["image"] if hasattr(batch, "inputs") else batch["image"]
-    images[0] = value
+    """Set the first image of a batch (typed Batch with `.inputs`, or a dict) to `value`. The pipeline's
+    images are uint8 levels, which hold no NaN: they become the model's float input first (CLIP's
+    normalisation, as the model would do it), which the model takes as it is."""
+    from mmpretrain import modalities as M
+    from mmpretrain.config import DataConfig
+
+    holder = batch.inputs if hasattr(batch, "inputs") else batch
+    if not holder["image"].is_floating_point():
+        holder["image"] = M.to_model_input(M.get("image"), holder["image"], DataConfig())
+    holder["image"][0] = value
 
 
 def nan_image() -> None:

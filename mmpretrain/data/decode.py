@@ -2,7 +2,6 @@
 Each function raises DecodeError(reason) for input it cannot use."""
 from __future__ import annotations
 
-import functools
 import io
 import math
 import warnings
@@ -49,10 +48,11 @@ def _crop_box(w: int, h: int, rng: Optional[np.random.Generator], min_scale: flo
 
 def decode_image(data: bytes, size: int, rng: Optional[np.random.Generator] = None, max_pixels: int = 50_000_000,
                  min_scale: float = 0.9, hflip: bool = False, mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None, augment: Any = None) -> np.ndarray:
-    """Bytes -> float32 (3, size, size) normalized by `mean` / `std` (None: CLIP's statistics). With `rng`: random resized crop and
-    flip, then `augment` (an ImageAugmentConfig: image_augment.py) if given (training); without: resize
-    shorter side + centre crop (eval)."""
+                 augment: Any = None) -> np.ndarray:
+    """Bytes -> uint8 (3, size, size) pixel levels, channel-first; the model normalises them on its
+    device (`pixel_affine`: data.image_mean / image_std). `mean` (None: CLIP's) fills affine borders and
+    erased rectangles. With `rng`: random resized crop and flip, then `augment` (an ImageAugmentConfig:
+    image_augment.py) if given (training); without: resize shorter side + centre crop (eval)."""
     aug = augment if rng is not None and image_augment.active(augment) else None
     mean = tuple(CLIP_MEAN if mean is None else mean)
     try:
@@ -89,12 +89,9 @@ def decode_image(data: bytes, size: int, rng: Optional[np.random.Generator] = No
         raise
     except Exception as e:
         raise DecodeError("image_decode", f"{type(e).__name__}: {e}") from None
-    lut = _normalise_table(tuple(float(v) for v in mean), tuple(CLIP_STD if std is None else std))
-    out = np.empty((3, size, size), dtype=np.float32)
-    for c in range(3):  # one table lookup per pixel, written channel-first: no float HWC temporaries
-        np.take(lut[c], u8[:, :, c], out=out[c])
+    out = np.ascontiguousarray(u8.transpose(2, 0, 1))  # (3, size, size): the batch's layout
     if aug is not None:
-        image_augment.erase(out, aug, rng)  # type: ignore[arg-type]
+        image_augment.erase(out, aug, rng, mean)  # type: ignore[arg-type]
     return out
 
 
@@ -127,12 +124,13 @@ def resize_crop(img: Image.Image, box: Tuple[int, int, int, int], size: int) -> 
     return out[0].permute(1, 2, 0).numpy()
 
 
-@functools.lru_cache(maxsize=16)
-def _normalise_table(mean: Tuple[float, ...], std: Tuple[float, ...]) -> np.ndarray:
-    """(3, 256) float32: the normalised value of each 8-bit level per channel, (v / 255 - mean) / std
-    computed in float32 as the per-pixel formula was."""
-    v = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
-    return ((v - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]).astype(np.float32)
+def pixel_affine(mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(scale, shift) per channel with level * scale + shift = (level / 255 - mean) / std: how the model
+    turns decode_image's 8-bit levels into its input (None: CLIP's statistics)."""
+    m = np.asarray(CLIP_MEAN if mean is None else mean, dtype=np.float64)
+    s = np.asarray(CLIP_STD if std is None else std, dtype=np.float64)
+    return tuple(float(v) for v in 1.0 / (255.0 * s)), tuple(float(v) for v in -m / s)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

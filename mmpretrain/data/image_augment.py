@@ -1,6 +1,6 @@
 """Training-only image augmentation (data.image_augment), PIL and numpy only: small random
 affine, colour jitter and Gaussian blur on the cropped PIL image, random erasing on the
-normalised array. A switched-off step draws nothing from the sample's rng, so a config with
+8-bit array. A switched-off step draws nothing from the sample's rng, so a config with
 everything off gives bit-identical images."""
 from __future__ import annotations
 
@@ -58,9 +58,10 @@ def augment_pil(img: Image.Image, aug: Any, rng: np.random.Generator, fill: Sequ
     return img
 
 
-def erase(x: np.ndarray, aug: Any, rng: np.random.Generator) -> None:
-    """Random erasing in place on a normalised (C, H, W) array: one rectangle of an area share
-    from aug.erase_area and aspect in [0.3, 3.3], filled with 0 (= the normalisation mean)."""
+def erase(x: np.ndarray, aug: Any, rng: np.random.Generator, fill: Sequence[float]) -> None:
+    """Random erasing in place on a uint8 (C, H, W) array: one rectangle of an area share from
+    aug.erase_area and aspect in [0.3, 3.3], filled with the level nearest `fill` (0..1 per channel:
+    the normalisation mean, so the model sees ~0 there)."""
     if aug.erase_prob <= 0:
         return
     _, h, w = x.shape
@@ -70,4 +71,4 @@ def erase(x: np.ndarray, aug: Any, rng: np.random.Generator) -> None:
     ew = min(w, max(1, int(round(math.sqrt(area * h * w * aspect)))))
     y0, x0 = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
     if u < aug.erase_prob and area > 0:
-        x[:, y0:y0 + eh, x0:x0 + ew] = 0.0
+        x[:, y0:y0 + eh, x0:x0 + ew] = np.asarray([int(round(255 * f)) for f in fill], dtype=x.dtype)[:, None, None]

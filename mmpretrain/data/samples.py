@@ -235,15 +235,15 @@ def _group(meta: Dict[str, Any], key: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") & (2 ** 63 - 1)
 
 
-def _batch_buffer(shape: Tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 batch tensor (every row is written). In a DataLoader worker it is
-    made in shared memory, as torch's default_collate does: sending it to the trainer then passes a
-    handle instead of copying the batch into shared memory first."""
+def _batch_buffer(shape: Tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised batch tensor (every row is written). In a DataLoader worker it is made in
+    shared memory, as torch's default_collate does: sending it to the trainer then passes a handle
+    instead of copying the batch into shared memory first."""
     if get_worker_info() is None:
-        return torch.empty(shape)
+        return torch.empty(shape, dtype=dtype)
     n = int(np.prod(shape))
-    storage = torch.UntypedStorage._new_shared(n * 4)
-    return torch.tensor([], dtype=torch.float32).set_(storage, 0, shape)
+    storage = torch.UntypedStorage._new_shared(n * torch.empty((), dtype=dtype).element_size())
+    return torch.tensor([], dtype=dtype).set_(storage, 0, shape)
 
 
 def _token_matrix(seqs: List[Optional[List[int]]], L: int, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -268,7 +268,7 @@ def collate(examples: List[Example], data_cfg: DataConfig, pad_id: int,
         if active is not None and m.name not in active:
             masks[m.name] = torch.zeros(b, dtype=torch.bool)
             continue
-        x = _batch_buffer((b, *m.sample_shape(data_cfg)))
+        x = _batch_buffer((b, *m.sample_shape(data_cfg)), torch.uint8 if m.level_affine is not None else torch.float32)
         mask = torch.zeros(b, dtype=torch.bool)
         for i, ex in enumerate(examples):
             if m.name in ex.media:

@@ -55,6 +55,7 @@ class MultimodalModel(nn.Module):
         super().__init__()
         m = cfg.model
         self.cfg, self.vocab_size = cfg, vocab_size
+        self._input_affine: Dict[Any, Any] = {}  # (modality, device) -> level scale / shift (to_model_input)
         # only the towers the run uses (modalities.active): an image-text run has no audio tower at all
         self.towers = nn.ModuleDict({mod.name: M.build_tower(cfg, mod, vocab_size) for mod in M.active(cfg)})
         self.proj = nn.ModuleDict({k: nn.Linear(t.width, m.embed_dim, bias=False) for k, t in self.towers.items()})
@@ -135,6 +136,8 @@ class MultimodalModel(nn.Module):
                return_tokens: bool = False) -> Any:
         """x: the modality's batch input (text: ids with `lengths`) -> (B, E) unit vectors [, tokens]."""
         tower = self.tower(modality)
+        if x.dtype == torch.uint8:  # 8-bit levels (images): normalised here, on the model's device
+            x = M.to_model_input(M.get(modality), x, self.cfg.data, _param_dtype(tower), self._input_affine)
         # without return_tokens, a native tower's last block computes the pooled token alone (same numbers)
         kw = {"pooled_only": True} if not return_tokens and getattr(tower, "supports_pooled_only", False) else {}
         # a locked tower runs without autograd: no activations kept for a backward that never comes
@@ -240,6 +243,11 @@ class MultimodalModel(nn.Module):
                     None if t is None else t.new_zeros(n, *t.shape[1:]) + 0 * t.sum())
         return (e.new_zeros(n, *e.shape[1:]).index_copy(0, rows, e),
                 None if t is None else t.new_zeros(n, *t.shape[1:]).index_copy(0, rows, t))
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype of a module's parameters (its compute dtype), float32 when it has none."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def build_model(cfg: Config, vocab_size: int) -> MultimodalModel:

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shardkit import image_bytes, make_cfg, tone_bytes, write_tar  # noqa: E402
 
 from mmpretrain.data import build_eval_loader, build_tokenizer  # noqa: E402
-from mmpretrain.data.decode import CLIP_MEAN, CLIP_STD, decode_audio, decode_image, resample  # noqa: E402
+from mmpretrain.data.decode import decode_audio, decode_image, resample  # noqa: E402
 
 
 def _peak_hz(x: np.ndarray, rate: int) -> float:
@@ -30,10 +30,10 @@ def test_decoded_batch_values(tmp_path):
     tok = build_tokenizer("bytes")
     (batch,) = list(build_eval_loader(str(tmp_path / "s-0.tar"), cfg, tok, batch_size=8))
     assert batch.keys == ["a", "b", "c"] and batch.sources == ["eval"] * 3
-    assert batch.inputs["image"].shape == (3, 3, 16, 16) and batch.inputs["image"].dtype == torch.float32
+    assert batch.inputs["image"].shape == (3, 3, 16, 16) and batch.inputs["image"].dtype == torch.uint8
     assert batch.masks["image"].tolist() == [True, True, False]
     assert batch.inputs["audio"].shape == (3, 2000) and batch.masks["audio"].tolist() == [False, True, True]
-    pix = batch.inputs["image"].numpy().transpose(0, 2, 3, 1) * CLIP_STD + CLIP_MEAN
+    pix = batch.inputs["image"].numpy().transpose(0, 2, 3, 1) / 255.0
     np.testing.assert_allclose(pix[0], np.broadcast_to([1, 0, 0], pix[0].shape), atol=1e-3)
     np.testing.assert_allclose(pix[1].mean((0, 1)), [0, 0, 1], atol=0.03)  # jpg: lossy
     assert (batch.inputs["image"][2] == 0).all() and (batch.inputs["audio"][0] == 0).all()
@@ -56,9 +56,8 @@ def test_train_transforms_shapes_and_determinism():
     img = image_bytes((0, 255, 0), size=(64, 40))
     a = decode_image(img, 32, np.random.default_rng(1))
     b = decode_image(img, 32, np.random.default_rng(1))
-    assert a.shape == (3, 32, 32) and a.dtype == np.float32 and np.array_equal(a, b)
-    np.testing.assert_allclose(a.transpose(1, 2, 0) * CLIP_STD + CLIP_MEAN, np.broadcast_to([0, 1, 0], (32, 32, 3)),
-                               atol=1e-3)
+    assert a.shape == (3, 32, 32) and a.dtype == np.uint8 and np.array_equal(a, b)
+    np.testing.assert_array_equal(a.transpose(1, 2, 0), np.broadcast_to([0, 255, 0], (32, 32, 3)))
     x = decode_audio(tone_bytes(300, rate=16000, seconds=2.0), 16000, 0.5, np.random.default_rng(0))
     assert x.shape == (8000,) and abs(_peak_hz(x, 16000) - 300) < 4
 

@@ -6,7 +6,7 @@ from PIL import Image
 
 from mmpretrain.config import ImageAugmentConfig
 from mmpretrain.data import image_augment
-from mmpretrain.data.decode import CLIP_MEAN, CLIP_STD, decode_image
+from mmpretrain.data.decode import CLIP_MEAN, decode_image, pixel_affine
 
 SIZE = 32
 
@@ -35,7 +35,16 @@ def _decode(data: bytes, i: int = 0, **kw) -> np.ndarray:
 
 
 def _pixels(x: np.ndarray) -> np.ndarray:
-    return x.transpose(1, 2, 0) * CLIP_STD + CLIP_MEAN  # back to 0..1 RGB
+    return x.transpose(1, 2, 0) / 255.0  # 8-bit levels, channel-first -> 0..1 RGB
+
+
+def _model_input(x: np.ndarray) -> np.ndarray:
+    """decode_image's levels as the model sees them (CLIP's normalisation: pixel_affine)."""
+    scale, shift = pixel_affine()
+    return x * np.asarray(scale)[:, None, None] + np.asarray(shift)[:, None, None]
+
+
+MEAN_LEVELS = np.round(CLIP_MEAN * 255).astype(np.uint8)[:, None, None]
 
 
 STEPS = [dict(rotate_deg=20.0), dict(scale=[0.8, 1.2]), dict(shear_deg=10.0), dict(translate=0.1),
@@ -58,7 +67,7 @@ def test_each_step_changes_the_image_and_is_seeded():
     ref = _decode(data)
     for kw in STEPS:
         out = _decode(data, 0, **kw)
-        assert out.shape == (3, SIZE, SIZE) and out.dtype == np.float32
+        assert out.shape == (3, SIZE, SIZE) and out.dtype == np.uint8
         assert not np.array_equal(out, ref), kw
         assert np.array_equal(out, _decode(data, 0, **kw)), kw  # same seed, same image
         assert any(not np.array_equal(out, _decode(data, i, **kw)) for i in range(1, 4)), kw  # draws differ
@@ -92,7 +101,7 @@ def test_erasing_area_and_fill():
     ref = _decode(data)
     for i in range(10):
         out = _decode(data, i, erase_prob=1.0, erase_area=[0.1, 0.2])
-        erased = np.all(out == 0, axis=0) & ~np.all(ref == 0, axis=0)
+        erased = np.all(out == MEAN_LEVELS, axis=0) & ~np.all(ref == MEAN_LEVELS, axis=0)  # the mean's levels
         share = erased.sum() / SIZE ** 2
         assert 0.1 * 0.6 <= share <= 0.2 * 1.4, share  # integer rounding of the rectangle's sides
         # the rest untouched: erasing draws after the pixel steps, here the only step
@@ -102,7 +111,8 @@ def test_erasing_area_and_fill():
 def test_affine_fill_is_the_mean():
     data = _png(np.full((SIZE, SIZE, 3), 255, dtype=np.uint8))
     out = _decode(data, 0, scale=[0.5, 0.5])  # zoomed out: the border shows the fill
-    assert np.abs(out[:, 0, 0]).max() < 0.02 and np.abs(out[:, SIZE // 2, SIZE // 2] - out.max(axis=(1, 2))).max() < 1e-6
+    x = _model_input(out)  # the mean's levels read as ~0 by the model
+    assert np.abs(x[:, 0, 0]).max() < 0.02 and np.abs(x[:, SIZE // 2, SIZE // 2] - x.max(axis=(1, 2))).max() < 1e-6
 
 
 def test_matrix_rotates_counter_clockwise():
