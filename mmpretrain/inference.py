@@ -16,7 +16,7 @@ import dataclasses
 import io
 from functools import partial
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -75,7 +75,8 @@ class InferenceModel:
             else:
                 arrs.append(m.decode(_read_bytes(x), self.cfg.data, None))
         # decoded images are 8-bit levels: normalised here, so that they stack with given float arrays
-        return torch.stack([modalities.to_model_input(m, torch.from_numpy(a)[None], self.cfg.data)[0]
+        affine: Dict[Any, Any] = {}  # the level scale / shift, made once for the whole call
+        return torch.stack([modalities.to_model_input(m, torch.from_numpy(a)[None], self.cfg.data, cache=affine)[0]
                             for a in arrs])
 
     def tokenize(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,12 @@ def affine_matrix(size: Tuple[int, int], angle: float, scale: float, shear: floa
     return back @ rot @ sh @ zoom @ centre
 
 
+def fill_levels(fill: Sequence[float]) -> Tuple[int, ...]:
+    """The 8-bit level nearest each channel of `fill` (0..1): what affine borders and erased
+    rectangles are painted with."""
+    return tuple(int(round(255 * f)) for f in fill)
+
+
 def augment_pil(img: Image.Image, aug: Any, rng: np.random.Generator, fill: Sequence[float]) -> Image.Image:
     """Affine (outside filled with `fill`, 0..1 per channel), colour jitter, blur."""
     if _affine_on(aug):
@@ -46,7 +52,7 @@ def augment_pil(img: Image.Image, aug: Any, rng: np.random.Generator, fill: Sequ
         shift = (rng.uniform(-t, t) * img.size[0], rng.uniform(-t, t) * img.size[1]) if t > 0 else (0.0, 0.0)
         inv = np.linalg.inv(affine_matrix(img.size, angle, scale, shear, shift))  # PIL maps output -> input
         img = img.transform(img.size, Image.AFFINE, data=tuple(inv[:2].reshape(-1)), resample=Image.BILINEAR,
-                            fillcolor=tuple(int(round(255 * f)) for f in fill))
+                            fillcolor=fill_levels(fill))
     for amount, enhancer in ((aug.brightness, ImageEnhance.Brightness), (aug.contrast, ImageEnhance.Contrast),
                              (aug.saturation, ImageEnhance.Color)):
         if amount > 0:
@@ -71,4 +77,4 @@ def erase(x: np.ndarray, aug: Any, rng: np.random.Generator, fill: Sequence[floa
     ew = min(w, max(1, int(round(math.sqrt(area * h * w * aspect)))))
     y0, x0 = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
     if u < aug.erase_prob and area > 0:
-        x[:, y0:y0 + eh, x0:x0 + ew] = np.asarray([int(round(255 * f)) for f in fill], dtype=x.dtype)[:, None, None]
+        x[:, y0:y0 + eh, x0:x0 + ew] = np.asarray(fill_levels(fill), dtype=x.dtype)[:, None, None]

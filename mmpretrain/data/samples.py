@@ -241,9 +241,9 @@ def _batch_buffer(shape: Tuple[int, ...], dtype: torch.dtype = torch.float32) ->
     instead of copying the batch into shared memory first."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    n = int(np.prod(shape))
-    storage = torch.UntypedStorage._new_shared(n * torch.empty((), dtype=dtype).element_size())
-    return torch.tensor([], dtype=dtype).set_(storage, 0, shape)
+    out = torch.tensor([], dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * out.element_size())
+    return out.set_(storage, 0, shape)
 
 
 def _token_matrix(seqs: List[Optional[List[int]]], L: int, pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
